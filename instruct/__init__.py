@@ -1,0 +1,3 @@
+"""instruct: config-driven instruction tuning with the loss on responses only."""
+
+__version__ = "0.1.0"

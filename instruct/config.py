@@ -1,0 +1,192 @@
+"""Typed schemas for every config group, registered in Hydra's ConfigStore.
+
+Each YAML option in ``conf/<group>/`` starts with ``defaults: [<group>_schema, _self_]``, so
+Hydra validates it against the dataclass below: ``lora.rank=abc`` or ``lora.rnak=8`` fails at
+composition, before any model loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+@dataclass
+class TemplateConfig:
+    """A prompt template as data. ``{content}`` marks where a message goes.
+
+    The text the model must learn to produce after ``assistant_prefix`` is
+    ``assistant_format`` with the reply filled in, followed by ``end_of_turn``. ``{bos}`` and
+    ``{eos}`` anywhere stand for the tokenizer's own special tokens.
+    """
+
+    name: str = MISSING
+    # "format": render from the fields below; "native": the tokenizer's own chat_template.
+    kind: str = "format"
+    system: str | None = None  # default system prompt when a conversation has none
+    system_with_input: str | None = None  # Alpaca uses a second preamble when there is an input
+    input_format: str = "{instruction}\n\n{input}"  # merges instruction and input into one turn
+    prefix: str = "{bos}"  # once, at the very start
+    system_format: str = "{content}\n\n"
+    user_format: str = "{content}\n"
+    assistant_prefix: str = ""  # not trained; ends the generation prompt
+    assistant_format: str = "{content}"  # trained
+    end_of_turn: str = "{eos}"  # trained, so the model learns to stop
+    turn_separator: str = ""  # not trained; between an end_of_turn and the next turn
+    special_tokens: list[str] = field(default_factory=list)  # added to the tokenizer if missing
+
+
+@dataclass
+class DataConfig:
+    source: str = MISSING
+    domains: list[str] | None = None  # None: every domain
+    val_fraction: float = 0.15
+    max_examples: int | None = None  # cap after filtering, before the split
+
+
+@dataclass
+class ManualDataConfig(DataConfig):
+    source: str = "manual"
+
+
+@dataclass
+class FileDataConfig(DataConfig):
+    source: str = "file"
+    # JSON / JSONL files: instruction/input/output, messages, ShareGPT conversations, ...
+    paths: list[str] = MISSING
+    # Renames from the file's keys to ours, e.g. {question: instruction, answer: output}.
+    columns: dict[str, str] = field(default_factory=dict)
+    # A dedicated validation file; when set, val_fraction is ignored.
+    val_paths: list[str] | None = None
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    builder: str = MISSING  # key in instruct.model.BUILDERS
+    dtype: str = "float32"  # float32 | bfloat16 | float16 | auto
+    path: str | None = None
+    trust_remote_code: bool = False
+    # The tiny model's architecture (ignored by other builders).
+    vocab_size: int = 4096
+    hidden_size: int = 64
+    intermediate_size: int = 256
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    max_position_embeddings: int = 2048
+    init_seed: int = 0
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = True
+    rank: int = 8
+    alpha: float | None = None  # None: 2 x rank, so a rank sweep keeps the same scale
+    dropout: float = 0.05
+    # "all-linear": every linear layer except the output head (peft's own rule).
+    target_modules: Any = "all-linear"
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"
+    lr: float = 2e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    scheduler: str = "cosine"  # cosine | linear | constant
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0  # used when warmup_steps is 0
+    max_grad_norm: float | None = 1.0  # None: no clipping
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 3
+    max_steps: int | None = None  # overrides epochs when set
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 1024
+    eval_every: int = 20  # optimizer steps
+    eval_batch_size: int | None = None  # None: batch_size
+    precision: str = "fp32"  # fp32 | bf16 | fp16, applied through Accelerate
+    save_best: bool = True
+    log_every: int = 1
+
+
+@dataclass
+class LoggerConfig:
+    backend: str = "wandb"  # wandb | none
+    mode: str = "offline"  # online | offline | disabled
+    project: str = "instruct"
+    entity: str | None = None
+    tags: list[str] = field(default_factory=list)
+    # Filled from Hydra when left null: the job's overrides and, in a multirun, the sweep.
+    name: str | None = None
+    group: str | None = None
+
+
+@dataclass
+class RunConfig:
+    template: TemplateConfig = MISSING
+    data: DataConfig = MISSING
+    model: ModelConfig = MISSING
+    lora: LoraConfig = MISSING
+    optimizer: OptimizerConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    logger: LoggerConfig = MISSING
+    seed: int = 0
+    # Filled from Hydra's runtime when run through the CLI; tests set it directly.
+    run_dir: str | None = None
+
+
+CONFIG_MODULE = "instruct.conf"
+HYDRA_VERSION_BASE = "1.3"
+
+SCHEMAS: dict[str, type] = {
+    "template": TemplateConfig,
+    "data/manual": ManualDataConfig,
+    "data/file": FileDataConfig,
+    "model": ModelConfig,
+    "lora": LoraConfig,
+    "optimizer": OptimizerConfig,
+    "trainer": TrainerConfig,
+    "logger": LoggerConfig,
+}
+
+
+def register_schemas() -> None:
+    """Store every schema so YAML options can name it in their defaults list."""
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    for key, node in SCHEMAS.items():
+        group, _, variant = key.partition("/")
+        name = f"{variant}_schema" if variant else f"{group}_schema"
+        cs.store(group=group, name=name, node=node)
+
+
+def compose(overrides: list[str] | None = None, return_hydra_config: bool = False) -> DictConfig:
+    """Compose the run config from the shipped groups, as the CLI would (used by tests).
+
+    Any error Hydra raises for a bad override (wrong type, unknown key, unknown option)
+    propagates unchanged.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    register_schemas()
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base=HYDRA_VERSION_BASE):
+        return hydra_compose(
+            config_name="config",
+            overrides=list(overrides or []),
+            return_hydra_config=return_hydra_config,
+        )
+
+
+def to_container(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as plain Python data (for W&B, results and checkpoints)."""
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

@@ -1,0 +1,180 @@
+"""Build the tokenizer and model named by the model config, and apply LoRA.
+
+Builders are registered by name in :data:`BUILDERS`; each returns ``(model, tokenizer)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Special tokens of the tiny tokenizer: EOS (also pad, as in GPT-2 and SmolLM2), then the
+# markers of the shipped ChatML and Zephyr templates so neither needs to resize embeddings.
+TINY_SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+]
+# The tiny tokenizer's own chat template (what template=native uses): Zephyr's layout.
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise ValueError(f"model.dtype: expected auto or one of {sorted(dtypes)}, got {name!r}")
+    return dtypes[name]
+
+
+def tokenizer_corpus() -> Iterator[str]:
+    """Text the tiny tokenizer learns its merges from: the shipped manual set."""
+    from instruct.data import manual_path
+
+    with open(manual_path(), encoding="utf-8") as f:
+        for line in f:
+            record = json.loads(line)
+            for m in record.get("messages", []):
+                yield m["content"]
+            for key in ("instruction", "input", "output"):
+                if record.get(key):
+                    yield record[key]
+
+
+def build_tiny_tokenizer(vocab_size: int) -> Any:
+    """A real byte-level BPE tokenizer (GPT-2 style), trained in-process in well under 1 s.
+
+    Training is deterministic for a fixed corpus, so every run gets the same vocabulary.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=TINY_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(tokenizer_corpus(), trainer)
+    eos = TINY_SPECIAL_TOKENS[0]
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=eos,
+        pad_token=eos,
+        additional_special_tokens=TINY_SPECIAL_TOKENS[1:],
+        chat_template=TINY_CHAT_TEMPLATE,
+        model_max_length=1_000_000,
+    )
+
+
+def build_tiny(cfg: Any) -> tuple[Any, Any]:
+    """A randomly initialised Llama-style decoder; weights depend only on ``init_seed``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tiny_tokenizer(cfg.vocab_size)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.init_seed)
+        model = LlamaForCausalLM(config)
+    return model.to(resolve_dtype(cfg.dtype)), tokenizer
+
+
+def build_hf(cfg: Any) -> tuple[Any, Any]:
+    """Any causal LM from a local folder or a hub id, via the Auto classes."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not cfg.path:
+        raise ValueError("model=hf needs model.path=<local folder or hub id>")
+    tokenizer = AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.path, dtype=resolve_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code
+    )
+    return model, tokenizer
+
+
+BUILDERS: dict[str, Callable[[Any], tuple[Any, Any]]] = {"tiny": build_tiny, "hf": build_hf}
+
+
+def build_model(cfg: Any) -> tuple[Any, Any]:
+    if cfg.builder not in BUILDERS:
+        raise ValueError(f"model.builder: unknown {cfg.builder!r}; known: {sorted(BUILDERS)}")
+    return BUILDERS[cfg.builder](cfg)
+
+
+def fit_tokenizer(model: Any, tokenizer: Any, template: Any) -> list[int]:
+    """Give the tokenizer what the template needs; return the ids of tokens it had to add.
+
+    A missing pad token becomes EOS (padding is masked by position, so EOS labels survive).
+    """
+    if tokenizer.eos_token is None:
+        raise ValueError("the tokenizer has no EOS token, which every template needs")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in template.special_tokens if t not in vocab]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+        log.warning("added %s to the tokenizer for template %s", missing, template.name)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return tokenizer.convert_tokens_to_ids(missing)
+
+
+def apply_lora(model: Any, cfg: Any, new_token_ids: list[int]) -> Any:
+    """Wrap ``model`` with LoRA adapters (``cfg.enabled``), else train every parameter.
+
+    Rows of tokens the template added are trained too, or the model could never learn them.
+    """
+    if not cfg.enabled:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    target = cfg.target_modules
+    target = target if isinstance(target, str) else list(target)
+    config = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=cfg.rank,
+        lora_alpha=cfg.alpha if cfg.alpha is not None else 2 * cfg.rank,
+        lora_dropout=cfg.dropout,
+        target_modules=target,
+        trainable_token_indices=list(new_token_ids) or None,
+    )
+    return get_peft_model(model, config)
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())

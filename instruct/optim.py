@@ -1,0 +1,42 @@
+"""AdamW and its learning-rate schedule, built from the optimizer config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+
+
+def build_optimizer(model: Any, cfg: Any) -> torch.optim.Optimizer:
+    """AdamW; weight decay skips biases and norm weights (every parameter with ndim < 2)."""
+    if cfg.name != "adamw":
+        raise ValueError(f"optimizer.name: only adamw is available, got {cfg.name!r}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps
+    )
+
+
+def warmup_steps(cfg: Any, total_steps: int) -> int:
+    return cfg.warmup_steps or round(cfg.warmup_ratio * total_steps)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Any, total_steps: int) -> Any:
+    from transformers import get_scheduler
+
+    if cfg.scheduler not in SCHEDULES:
+        raise ValueError(
+            f"optimizer.scheduler: expected one of {list(SCHEDULES)}, got {cfg.scheduler!r}"
+        )
+    return get_scheduler(
+        SCHEDULES[cfg.scheduler],
+        optimizer,
+        num_warmup_steps=warmup_steps(cfg, total_steps),
+        num_training_steps=total_steps,
+    )

@@ -1,0 +1,205 @@
+"""Render a conversation into text plus the character spans the model is trained on.
+
+One function, :func:`render`, serves training (spans cover every assistant reply and its
+end-of-turn token) and inference (``add_generation_prompt=True`` ends the text where the model
+starts to write). A template is data: a :class:`~instruct.config.TemplateConfig` loaded from
+``conf/template/*.yaml``, or the tokenizer's own ``chat_template`` for ``kind: native``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+Message = dict[str, str]
+Span = tuple[int, int]
+
+ROLES = ("system", "user", "assistant")
+_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """Rendered text and the half-open character spans ``[start, end)`` to train on."""
+
+    text: str
+    spans: tuple[Span, ...]
+
+    def trained_text(self) -> str:
+        return "".join(self.text[s:e] for s, e in self.spans)
+
+
+def fill(fmt: str, **values: str) -> str:
+    """Replace ``{name}`` placeholders in one pass, so inserted text is never re-scanned.
+
+    Braces that name no given value (``{x}`` in a code sample) are left alone.
+    """
+    return _PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), fmt)
+
+
+def to_messages(example: Mapping[str, Any], template: Any) -> list[Message]:
+    """An example as a conversation: its ``messages``, or instruction/input/output as one turn.
+
+    Alpaca-style templates use a different system preamble when there is an input; it becomes
+    an explicit system message, so training and generation see the same text.
+    """
+    if "messages" in example:
+        return [dict(m) for m in example["messages"]]
+    instruction, extra = example["instruction"], example.get("input") or ""
+    messages: list[Message] = []
+    if extra:
+        user = fill(template.input_format, instruction=instruction, input=extra)
+        if getattr(template, "system_with_input", None):
+            messages.append({"role": "system", "content": template.system_with_input})
+    else:
+        user = instruction
+    messages.append({"role": "user", "content": user})
+    if "output" in example:
+        messages.append({"role": "assistant", "content": example["output"]})
+    return messages
+
+
+def special_strings(tokenizer: Any) -> dict[str, str]:
+    """``{bos}`` and ``{eos}`` for a tokenizer.
+
+    ``{bos}`` is the BOS token only for tokenizers that prepend one when encoding (Llama,
+    Mistral), so a template never adds a BOS that the model never saw in pretraining.
+    """
+    bos = tokenizer.bos_token or ""
+    if bos and tokenizer.bos_token_id not in tokenizer("a", add_special_tokens=True).input_ids:
+        bos = ""
+    return {"bos": bos, "eos": tokenizer.eos_token or ""}
+
+
+def check_messages(messages: Sequence[Mapping[str, Any]]) -> None:
+    for i, m in enumerate(messages):
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise ValueError(f"message {i}: role {role!r} is not one of {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise ValueError(f"message {i} ({role}): content must be a string, got {content!r}")
+        if role == "system" and i != 0:
+            raise ValueError(f"message {i}: a system message may only come first")
+
+
+def render(
+    messages: Sequence[Mapping[str, str]],
+    template: Any,
+    tokenizer: Any,
+    add_generation_prompt: bool = False,
+) -> Rendered:
+    """Render ``messages`` with ``template``; spans cover every assistant reply + end of turn."""
+    check_messages(messages)
+    if template.kind == "native":
+        return _render_native(messages, tokenizer, add_generation_prompt)
+    if template.kind != "format":
+        raise ValueError(f"template {template.name}: kind must be 'format' or 'native'")
+    return _render_format(messages, template, special_strings(tokenizer), add_generation_prompt)
+
+
+def _render_format(
+    messages: Sequence[Mapping[str, str]],
+    t: Any,
+    special: dict[str, str],
+    add_generation_prompt: bool,
+) -> Rendered:
+    def piece(fmt: str, content: str = "") -> str:
+        return fill(fmt, content=content, **special)
+
+    parts: list[str] = [piece(t.prefix)]
+    spans: list[Span] = []
+    size = len(parts[0])
+
+    def add(text: str, trained: bool = False) -> None:
+        nonlocal size
+        if trained and text:
+            spans.append((size, size + len(text)))
+        parts.append(text)
+        size += len(text)
+
+    turns = list(messages)
+    system = turns.pop(0)["content"] if turns and turns[0]["role"] == "system" else t.system
+    if system is not None:
+        add(piece(t.system_format, system))
+    after_reply = False
+    for m in turns:
+        if after_reply:
+            add(piece(t.turn_separator))
+        if m["role"] == "user":
+            add(piece(t.user_format, m["content"]))
+            after_reply = False
+        else:
+            add(piece(t.assistant_prefix))
+            add(piece(t.assistant_format, m["content"]) + piece(t.end_of_turn), trained=True)
+            after_reply = True
+    if add_generation_prompt:
+        if after_reply:
+            add(piece(t.turn_separator))
+        add(piece(t.assistant_prefix))
+    return Rendered("".join(parts), _merge(spans))
+
+
+def _render_native(
+    messages: Sequence[Mapping[str, str]], tokenizer: Any, add_generation_prompt: bool
+) -> Rendered:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "template=native needs a tokenizer with a chat_template; this one has none. "
+            "Pick a template from conf/template/ (alpaca, vicuna, chatml, ...) instead."
+        )
+    text = tokenizer.apply_chat_template(
+        list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+    return Rendered(text, _merge(_locate_replies(text, messages, _end_of_turn_pattern(tokenizer))))
+
+
+def _end_of_turn_pattern(tokenizer: Any) -> re.Pattern[str]:
+    tokens = {t for t in tokenizer.all_special_tokens if t}
+    tokens |= {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    # Longest first, so "<|im_end|>" wins over a shorter token that prefixes it.
+    alternatives = "|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True))
+    return re.compile(rf"\s*(?:{alternatives})" if alternatives else r"(?!)")
+
+
+def _locate_replies(
+    text: str, messages: Sequence[Mapping[str, str]], end_of_turn: re.Pattern[str]
+) -> list[Span]:
+    """Find each message's content in order; an assistant reply runs through its end of turn.
+
+    Searching on characters, not token ids, is immune to BPE merging a marker with its
+    neighbours. Templates that strip whitespace from contents are handled by also trying the
+    stripped content.
+    """
+    spans: list[Span] = []
+    cursor = 0
+    for i, m in enumerate(messages):
+        content = m["content"]
+        start = text.find(content, cursor) if content else cursor
+        if start < 0 and content.strip():
+            content = content.strip()
+            start = text.find(content, cursor)
+        if start < 0:
+            raise ValueError(
+                f"message {i} ({m['role']}): its content does not appear in the text the "
+                "tokenizer's chat_template rendered, so the reply to train on cannot be located"
+            )
+        end = start + len(content)
+        if m["role"] == "assistant":
+            match = end_of_turn.match(text, end)
+            if match:
+                end = match.end()
+            spans.append((start, end))
+        cursor = end
+    return spans
+
+
+def _merge(spans: list[Span]) -> tuple[Span, ...]:
+    merged: list[Span] = []
+    for s, e in sorted(spans):
+        if merged and s <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(e, merged[-1][1]))
+        else:
+            merged.append((s, e))
+    return tuple(merged)
