@@ -53,13 +53,18 @@ def load_checkpoint(path: str | Path) -> tuple[Any, Any, DictConfig]:
     """Rebuild ``(model, tokenizer, cfg)`` from a checkpoint folder written by this module."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from instruct.config import RunConfig
+    from instruct.config import SCHEMAS, RunConfig
     from instruct.model import build_model, resolve_dtype
 
     path = Path(path)
     if not (path / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"{path}: not a checkpoint (no {CONFIG_FILE})")
-    cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(path / CONFIG_FILE))
+    saved = OmegaConf.load(path / CONFIG_FILE)
+    data_schema = SCHEMAS.get(f"data/{saved.data.source}")
+    schema = OmegaConf.structured(RunConfig)
+    if data_schema is not None:  # the data group's own schema, as Hydra composed it
+        schema.data = OmegaConf.structured(data_schema)
+    cfg = OmegaConf.merge(schema, saved)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if (path / "adapter_config.json").is_file():
         from peft import PeftModel

@@ -187,6 +187,15 @@ def compose(overrides: list[str] | None = None, return_hydra_config: bool = Fals
         )
 
 
+def option_names(group: str) -> list[str]:
+    """The YAML options shipped for a config group, e.g. ``["alpaca", "chatml", ...]``."""
+    from importlib import resources
+
+    folder = resources.files(CONFIG_MODULE).joinpath(group)
+    names = (p.name for p in folder.iterdir())
+    return sorted(n.removesuffix(".yaml") for n in names if n.endswith(".yaml"))
+
+
 def to_container(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config as plain Python data (for W&B, results and checkpoints)."""
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -57,10 +57,13 @@ def tokenizer_corpus() -> Iterator[str]:
                     yield record[key]
 
 
-def build_tiny_tokenizer(vocab_size: int) -> Any:
+def build_tiny_tokenizer(
+    vocab_size: int, special_tokens: Sequence[str] = TINY_SPECIAL_TOKENS
+) -> Any:
     """A real byte-level BPE tokenizer (GPT-2 style), trained in-process in well under 1 s.
 
-    Training is deterministic for a fixed corpus, so every run gets the same vocabulary.
+    Training is deterministic for a fixed corpus, so every run gets the same vocabulary. The
+    first special token is EOS and pad.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -70,17 +73,17 @@ def build_tiny_tokenizer(vocab_size: int) -> Any:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=TINY_SPECIAL_TOKENS,
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(tokenizer_corpus(), trainer)
-    eos = TINY_SPECIAL_TOKENS[0]
+    eos = special_tokens[0]
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token=eos,
         pad_token=eos,
-        additional_special_tokens=TINY_SPECIAL_TOKENS[1:],
+        additional_special_tokens=list(special_tokens[1:]),
         chat_template=TINY_CHAT_TEMPLATE,
         model_max_length=1_000_000,
     )

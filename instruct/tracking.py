@@ -109,9 +109,7 @@ def read_offline_run(run_path: str | Path) -> dict[str, Any]:
         record.ParseFromString(payload)
         kind = record.WhichOneof("record_type")
         if kind == "history":
-            out["history"].append(
-                {_key(i): json.loads(i.value_json) for i in record.history.item}
-            )
+            out["history"].append({_key(i): json.loads(i.value_json) for i in record.history.item})
         elif kind == "summary":
             out["summary"].update(
                 {_key(i): json.loads(i.value_json) for i in record.summary.update}
@@ -120,8 +118,13 @@ def read_offline_run(run_path: str | Path) -> dict[str, Any]:
             out["config"].update({_key(i): json.loads(i.value_json) for i in record.config.update})
         elif kind == "run":
             r = record.run
-            out["run"] = {"id": r.run_id, "name": r.display_name, "group": r.run_group,
-                          "project": r.project}
+            out["config"].update({_key(i): json.loads(i.value_json) for i in r.config.update})
+            out["run"] = {
+                "id": r.run_id,
+                "name": r.display_name,
+                "group": r.run_group,
+                "project": r.project,
+            }
     return out
 
 

@@ -8,10 +8,12 @@ precision. The loss of an optimizer step is the mean over all supervised tokens 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,9 @@ from instruct.model import apply_lora, build_model, count_parameters, fit_tokeni
 from instruct.optim import build_optimizer, build_scheduler
 from instruct.templates import render, to_messages
 from instruct.tokenize import IGNORE_INDEX, Feature, PrepareStats, collate, prepare
-from instruct.tracking import start_tracking
+from instruct.tracking import Tracker, start_tracking
+
+log = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -42,7 +46,9 @@ def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
 
 
 @torch.no_grad()
-def evaluate(model: Any, features: Sequence[Feature], batch_size: int, pad_id: int, device) -> float:
+def evaluate(
+    model: Any, features: Sequence[Feature], batch_size: int, pad_id: int, device: Any
+) -> float:
     """Mean loss over every supervised token of ``features`` (token-weighted, not per batch)."""
     was_training = model.training
     model.eval()
@@ -99,138 +105,215 @@ def total_steps(cfg: DictConfig, n_train: int) -> int:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train as ``cfg`` says; write the best checkpoint and ``results.json`` in ``cfg.run_dir``."""
+    run = setup(cfg)
+    try:
+        results = run.loop()
+    except BaseException:
+        run.tracker.finish(exit_code=1)
+        raise
+    (run.run_dir / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+    run.tracker.finish()
+    log.info(
+        "best val loss %.4f at step %d (initial %.4f); checkpoint %s",
+        results["best_val_loss"],
+        results["best_step"],
+        results["initial_val_loss"],
+        results["checkpoint"],
+    )
+    return results
+
+
+def setup(cfg: DictConfig) -> Run:
+    """Build everything a run needs, in data-flow order; nothing trains yet."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     if not cfg.run_dir:
         raise ValueError("run_dir: set it (the CLI takes it from Hydra's run folder)")
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     t = cfg.trainer
     if t.precision not in PRECISIONS:
-        raise ValueError(f"trainer.precision: expected one of {list(PRECISIONS)}, got {t.precision}")
+        raise ValueError(
+            f"trainer.precision: expected one of {list(PRECISIONS)}, got {t.precision!r}"
+        )
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
     accelerator = Accelerator(mixed_precision=PRECISIONS[t.precision])
 
     model, tokenizer = build_model(cfg.model)
     new_token_ids = fit_tokenizer(model, tokenizer, cfg.template)
     train_examples, val_examples = load_splits(cfg.data, cfg.seed)
-    print(f"data: {len(train_examples)} train / {len(val_examples)} validation examples "
-          f"(seed {cfg.seed})")
+    log.info(
+        "data: %d train / %d validation examples (seed %d)",
+        len(train_examples),
+        len(val_examples),
+        cfg.seed,
+    )
     train_set, train_stats = tokenize_split(train_examples, cfg, tokenizer)
     val_set, val_stats = tokenize_split(val_examples, cfg, tokenizer)
-    print(describe("train", train_stats))
-    print(describe("validation", val_stats))
+    log.info(describe("train", train_stats))
+    log.info(describe("validation", val_stats))
     if not train_set or not val_set:
-        raise ValueError("no example left to train or validate on after truncation; "
-                         "raise trainer.max_length")
+        raise ValueError(
+            "no example left to train or validate on after truncation; raise trainer.max_length"
+        )
 
     model = apply_lora(model, cfg.lora, new_token_ids)
     trainable, total = count_parameters(model)
-    print(f"parameters: {trainable:,} trainable / {total:,} total "
-          f"({100 * trainable / total:.2f}%)")
+    log.info(
+        "parameters: %s trainable / %s total (%.2f%%)",
+        f"{trainable:,}",
+        f"{total:,}",
+        100 * trainable / total,
+    )
     steps = total_steps(cfg, len(train_set))
     optimizer = build_optimizer(model, cfg.optimizer)
     scheduler = build_scheduler(optimizer, cfg.optimizer, steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    device, pad_id = accelerator.device, tokenizer.pad_token_id
-    eval_bs = t.eval_batch_size or t.batch_size
+    tracker = start_tracking(cfg.logger, Path(cfg.run_dir), to_container(cfg))
+    info = {
+        "data": {"train": vars(train_stats), "validation": vars(val_stats)},
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+    }
+    tracker.summary(info)
+    return Run(
+        cfg,
+        accelerator,
+        model,
+        tokenizer,
+        optimizer,
+        scheduler,
+        tracker,
+        train_set,
+        val_set,
+        steps,
+        info,
+    )
 
-    tracker = start_tracking(cfg.logger, run_dir, to_container(cfg))
-    results: dict[str, Any] = {}
-    try:
-        results = _loop(cfg, accelerator, model, tokenizer, optimizer, scheduler, tracker,
-                        train_set, val_set, steps, device, pad_id, eval_bs)
-    except BaseException:
-        tracker.finish(exit_code=1)
-        raise
-    results["data"] = {"train": vars(train_stats), "validation": vars(val_stats)}
-    results["trainable_parameters"], results["total_parameters"] = trainable, total
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
-    tracker.finish()
-    print(f"best val loss {results['best_val_loss']:.4f} at step {results['best_step']}; "
-          f"checkpoint {results['checkpoint']}")
-    return results
 
+@dataclass
+class Run:
+    """One training run's live objects and the state of its loop."""
 
-def _loop(cfg, accelerator, model, tokenizer, optimizer, scheduler, tracker,
-          train_set, val_set, steps, device, pad_id, eval_bs) -> dict[str, Any]:
-    t = cfg.trainer
-    run_dir = Path(cfg.run_dir)
-    best_dir = run_dir / "checkpoints" / "best"
-    max_norm = cfg.optimizer.max_grad_norm
-    history: dict[str, list[list[float]]] = {"train": [], "val": []}
-    best = {"val_loss": math.inf, "step": -1}
+    cfg: DictConfig
+    accelerator: Any
+    model: Any
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    tracker: Tracker
+    train_set: list[Feature]
+    val_set: list[Feature]
+    steps: int
+    info: dict[str, Any]
+    history: dict[str, list[list[float]]] = field(default_factory=lambda: {"train": [], "val": []})
+    best_val_loss: float = math.inf
+    best_step: int = -1
 
-    def validate(step: int) -> float:
-        val_loss = evaluate(model, val_set, eval_bs, pad_id, device)
-        history["val"].append([step, val_loss])
-        tracker.log({"val/loss": val_loss, "val/perplexity": math.exp(min(val_loss, 50))}, step)
-        if math.isfinite(val_loss) and val_loss < best["val_loss"]:
-            best.update(val_loss=val_loss, step=step)
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.run_dir)
+
+    @property
+    def best_dir(self) -> Path:
+        return self.run_dir / "checkpoints" / "best"
+
+    def validate(self, step: int) -> float:
+        """Val loss now; a new best replaces ``checkpoints/best``. NaN never becomes best."""
+        t = self.cfg.trainer
+        val_loss = evaluate(
+            self.model,
+            self.val_set,
+            t.eval_batch_size or t.batch_size,
+            self.tokenizer.pad_token_id,
+            self.accelerator.device,
+        )
+        self.history["val"].append([step, val_loss])
+        self.tracker.log(
+            {"val/loss": val_loss, "val/perplexity": math.exp(min(val_loss, 50))}, step
+        )
+        if math.isfinite(val_loss) and val_loss < self.best_val_loss:
+            self.best_val_loss, self.best_step = val_loss, step
             if t.save_best:
+                model = self.accelerator.unwrap_model(self.model)
                 state = {"step": step, "val_loss": val_loss}
-                save_checkpoint(best_dir, accelerator.unwrap_model(model), tokenizer, cfg, state)
+                save_checkpoint(self.best_dir, model, self.tokenizer, self.cfg, state)
         return val_loss
 
-    initial_val = validate(0)
-    supervised_total = 0
-    schedule = step_batches(len(train_set), t.batch_size, t.grad_accum, cfg.seed)
-    model.train()
-    start = time.perf_counter()
-    bar = tqdm(range(1, steps + 1), desc="train", unit="step", dynamic_ncols=True)
-    for step in bar:
-        step_start = time.perf_counter()
-        epoch, micro_batches = next(schedule)
-        features = [[train_set[i] for i in mb] for mb in micro_batches]
-        n_sup = sum(f.supervised for mb in features for f in mb)
-        n_tok = sum(len(f.input_ids) for mb in features for f in mb)
-        step_loss = 0.0
-        for k, mb in enumerate(features):
+    def step(self, micro_batches: list[list[Feature]]) -> tuple[float, int, float]:
+        """One optimizer step over ``micro_batches``: (mean token loss, supervised, grad norm).
+
+        Each micro-batch's summed loss is divided by the supervised tokens of the whole step,
+        so the gradient is that of the mean over all of them, however the step is split.
+        """
+        n_sup = sum(f.supervised for mb in micro_batches for f in mb)
+        pad_id, device = self.tokenizer.pad_token_id, self.accelerator.device
+        total = 0.0
+        for k, mb in enumerate(micro_batches):
             batch = {key: v.to(device) for key, v in collate(mb, pad_id).items()}
-            last = k == len(features) - 1
-            with nullcontext() if last else accelerator.no_sync(model):
-                loss, _ = loss_sum(model, batch)
-                accelerator.backward(loss / n_sup)
-            step_loss += loss.item()
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm or math.inf)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        train_loss = step_loss / n_sup
-        if not math.isfinite(train_loss):
-            raise FloatingPointError(
-                f"step {step}: training loss is {train_loss}; the best checkpoint so far "
-                f"(step {best['step']}) is kept in {best_dir}. Lower optimizer.lr?"
-            )
-        supervised_total += n_sup
-        seconds = time.perf_counter() - step_start
-        history["train"].append([step, train_loss])
-        if step % t.log_every == 0 or step == steps:
-            tracker.log({
-                "train/loss": train_loss,
-                "train/lr": scheduler.get_last_lr()[0],
-                "train/grad_norm": float(grad_norm),
-                "train/epoch": epoch,
-                "train/tokens_per_s": n_tok / seconds,
-                "train/supervised_tokens_per_s": n_sup / seconds,
-            }, step)
-        if step % t.eval_every == 0 or step == steps:
-            validate(step)
-        bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{history['val'][-1][1]:.3f}")
-    bar.close()
-    train_seconds = time.perf_counter() - start
-    summary = {"best_val_loss": best["val_loss"], "best_step": best["step"]}
-    tracker.summary(summary)
-    return {
-        **summary,
-        "initial_val_loss": initial_val,
-        "final_val_loss": history["val"][-1][1],
-        "final_train_loss": history["train"][-1][1] if history["train"] else None,
-        "train_loss_history": history["train"],
-        "val_loss_history": history["val"],
-        "supervised_tokens": supervised_total,
-        "steps": steps,
-        "train_seconds": train_seconds,
-        "checkpoint": str(best_dir) if t.save_best else None,
-    }
+            last = k == len(micro_batches) - 1
+            with nullcontext() if last else self.accelerator.no_sync(self.model):
+                loss, _ = loss_sum(self.model, batch)
+                self.accelerator.backward(loss / n_sup)
+            total += loss.item()
+        max_norm = self.cfg.optimizer.max_grad_norm or math.inf
+        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total / n_sup, n_sup, float(grad_norm)
+
+    def loop(self) -> dict[str, Any]:
+        t = self.cfg.trainer
+        initial_val = self.validate(0)
+        supervised_total = 0
+        schedule = step_batches(len(self.train_set), t.batch_size, t.grad_accum, self.cfg.seed)
+        self.model.train()
+        start = time.perf_counter()
+        bar = tqdm(range(1, self.steps + 1), desc="train", unit="step", dynamic_ncols=True)
+        for step in bar:
+            step_start = time.perf_counter()
+            epoch, indices = next(schedule)
+            micro_batches = [[self.train_set[i] for i in mb] for mb in indices]
+            train_loss, n_sup, grad_norm = self.step(micro_batches)
+            if not math.isfinite(train_loss):
+                raise FloatingPointError(
+                    f"step {step}: training loss is {train_loss}; the best checkpoint so far "
+                    f"(step {self.best_step}) is kept in {self.best_dir}. Lower optimizer.lr?"
+                )
+            seconds = time.perf_counter() - step_start
+            n_tok = sum(len(f.input_ids) for mb in micro_batches for f in mb)
+            supervised_total += n_sup
+            self.history["train"].append([step, train_loss])
+            if step % t.log_every == 0 or step == self.steps:
+                self.tracker.log(
+                    {
+                        "train/loss": train_loss,
+                        "train/lr": self.scheduler.get_last_lr()[0],
+                        "train/grad_norm": grad_norm,
+                        "train/epoch": epoch,
+                        "train/tokens_per_s": n_tok / seconds,
+                        "train/supervised_tokens_per_s": n_sup / seconds,
+                    },
+                    step,
+                )
+            if step % t.eval_every == 0 or step == self.steps:
+                self.validate(step)
+            bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{self.history['val'][-1][1]:.3f}")
+        bar.close()
+        train_seconds = time.perf_counter() - start
+        summary = {"best_val_loss": self.best_val_loss, "best_step": self.best_step}
+        self.tracker.summary(summary)
+        return {
+            **summary,
+            "initial_val_loss": initial_val,
+            "final_val_loss": self.history["val"][-1][1],
+            "final_train_loss": self.history["train"][-1][1] if self.history["train"] else None,
+            "train_loss_history": self.history["train"],
+            "val_loss_history": self.history["val"],
+            "supervised_tokens": supervised_total,
+            "steps": self.steps,
+            "train_seconds": train_seconds,
+            "checkpoint": str(self.best_dir) if t.save_best else None,
+            **self.info,
+        }

@@ -76,7 +76,8 @@ def normalise(record: Any, where: str, columns: Mapping[str, str] | None = None)
     meta = {k: record[k] for k in ("id", "domain") if k in record}
     if "conversations" in record and "messages" not in record:  # ShareGPT
         record["messages"] = [
-            {"role": turn.get("from"), "content": turn.get("value")} if isinstance(turn, dict)
+            {"role": turn.get("from"), "content": turn.get("value")}
+            if isinstance(turn, dict)
             else turn
             for turn in _list_field(record, "conversations", where)
         ]

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One-command set-up: bash setup.sh
+# Installs PyTorch if it is missing, then this package (editable) with its test tools.
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON="${PYTHON:-python3}"
+
+"$PYTHON" - <<'PY'
+import sys
+if sys.version_info < (3, 11):
+    sys.exit(f"instruct needs Python 3.11 or newer; {sys.executable} is {sys.version.split()[0]}")
+PY
+
+# Keep a torch that is already installed (a CUDA build, say). Otherwise take 2.13.0: on the
+# project's CPU machines a local CPU wheel of it is preinstalled for pip; elsewhere PyPI has it.
+if ! "$PYTHON" -c "import torch" 2>/dev/null; then
+    "$PYTHON" -m pip install "torch==2.13.0"
+fi
+"$PYTHON" -m pip install -e ".[dev]"

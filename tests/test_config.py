@@ -1,0 +1,72 @@
+"""Every option of every group composes into the typed run config; bad overrides fail early."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from instruct.config import SCHEMAS, compose, option_names
+from instruct.model import BUILDERS
+
+GROUPS = sorted({key.split("/")[0] for key in SCHEMAS})
+REQUIRED = {"data=file": ["data.paths=[train.jsonl]"], "model=hf": ["model.path=some/model"]}
+
+
+def all_options() -> list[str]:
+    return [f"{group}={name}" for group in GROUPS for name in option_names(group)]
+
+
+def test_every_group_ships_options():
+    assert set(GROUPS) >= {"template", "data", "model", "lora", "optimizer", "trainer", "logger"}
+    assert {"alpaca", "vicuna", "chatml", "native"} <= set(option_names("template"))
+    assert len(set(option_names("template")) - {"alpaca", "vicuna", "chatml", "native"}) >= 1
+
+
+@pytest.mark.parametrize("override", all_options())
+def test_every_option_composes_into_the_schema(override):
+    cfg = compose([override, *REQUIRED.get(override, [])])
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    group, name = override.split("=")
+    assert OmegaConf.get_type(cfg[group]) is not dict  # validated against a dataclass
+
+
+def test_every_model_option_names_a_builder():
+    for name in option_names("model"):
+        assert compose([f"model={name}"]).model.builder in BUILDERS
+
+
+def test_every_template_option_builds_and_renders(templates, tokenizer):
+    from instruct.templates import render
+
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    for name, t in templates.items():
+        assert render(messages, t, tokenizer).trained_text().lstrip().startswith("Hello"), name
+
+
+def test_overrides_reach_the_config():
+    cfg = compose(["model=tiny", "template=chatml", "lora.rank=16", "data.domains=[code,math]"])
+    assert (cfg.template.name, cfg.lora.rank) == ("chatml", 16)
+    assert list(cfg.data.domains) == ["code", "math"]
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "lora.rank=abc",  # wrong type
+        "lora.rnak=8",  # unknown key
+        "trainer.batch_size=eight",
+        "optimizer.lr=fast",
+        "template=no_such_template",
+        "data.no_such_key=1",
+    ],
+)
+def test_bad_overrides_fail_at_composition(override):
+    with pytest.raises(ConfigCompositionException):
+        compose([override])
+
+
+def test_required_keys_fail_before_any_model_loads():
+    cfg = compose(["data=file"])
+    with pytest.raises(Exception, match="paths"):
+        OmegaConf.to_container(cfg, throw_on_missing=True)

@@ -1,0 +1,126 @@
+"""Labels cover exactly the replies and their end-of-turn token, for every template."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from instruct.templates import Rendered, render, to_messages
+from instruct.tokenize import IGNORE_INDEX, Feature, collate, encode, labels_from_spans, prepare
+
+REPLIES = {
+    "plain": "The answer is 42.",
+    "no_space": "42 is the answer.",
+    "code": "```python\ndef add(a, b):\n    return a + b\n```\nIt adds two numbers.",
+    "non_ascii": "Straße, café, ¿Dónde está? — 20 °C, π ≈ 3.14 🍞",
+}
+EOT = {
+    "alpaca": "<|endoftext|>",
+    "vicuna": "<|endoftext|>",
+    "zephyr": "<|endoftext|>",
+    "native": "<|endoftext|>",
+    "chatml": "<|im_end|>",
+}
+LEAD = {"vicuna": " "}  # vicuna's reply starts with the space after "ASSISTANT:"
+
+
+def supervised_runs(tokenizer, feature: Feature) -> list[str]:
+    """Decode each contiguous run of trained tokens."""
+    runs, current = [], []
+    for label in [*feature.labels, IGNORE_INDEX]:
+        if label != IGNORE_INDEX:
+            current.append(label)
+        elif current:
+            runs.append(tokenizer.decode(current))
+            current = []
+    return runs
+
+
+def tokenized(messages, template, tokenizer) -> Feature:
+    ((feature, straddles),) = encode([render(messages, template, tokenizer)], tokenizer)
+    assert straddles == 0
+    return feature
+
+
+@pytest.mark.parametrize("kind", sorted(REPLIES))
+@pytest.mark.parametrize("name", sorted(EOT))
+def test_supervised_tokens_decode_to_the_reply(templates, tokenizer, name, kind):
+    t = templates[name]
+    reply = REPLIES[kind]
+    feature = tokenized(to_messages({"instruction": "Answer.", "output": reply}, t), t, tokenizer)
+    assert supervised_runs(tokenizer, feature) == [LEAD.get(name, "") + reply + EOT[name]]
+    # The end-of-turn token itself is trained, so the model learns to stop.
+    trained = [label for label in feature.labels if label != IGNORE_INDEX]
+    assert trained[-1] == tokenizer.convert_tokens_to_ids(EOT[name])
+
+
+@pytest.mark.parametrize("name", sorted(EOT))
+def test_every_assistant_turn_of_a_conversation_is_trained(templates, tokenizer, name):
+    messages = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": "And of Spain?"},
+        {"role": "assistant", "content": REPLIES["non_ascii"]},
+        {"role": "user", "content": "Code?"},
+        {"role": "assistant", "content": REPLIES["code"]},
+    ]
+    feature = tokenized(messages, templates[name], tokenizer)
+    lead = LEAD.get(name, "")
+    assert supervised_runs(tokenizer, feature) == [
+        lead + m["content"] + EOT[name] for m in messages if m["role"] == "assistant"
+    ]
+
+
+def test_prompt_tokens_are_a_prefix_of_the_training_tokens(templates, tokenizer):
+    """What generation feeds the model is token for token what training saw before a reply."""
+    for name, t in templates.items():
+        messages = to_messages({"instruction": "Say hi.", "output": "Hi!"}, t)
+        full = tokenized(messages, t, tokenizer)
+        prompt = render(messages[:-1], t, tokenizer, add_generation_prompt=True)
+        prompt_ids = tokenizer(prompt.text, add_special_tokens=False).input_ids
+        assert full.input_ids[: len(prompt_ids)] == prompt_ids, name
+        assert all(label == IGNORE_INDEX for label in full.labels[: len(prompt_ids)]), name
+
+
+def test_a_token_straddling_the_reply_start_is_counted_not_trained():
+    ids = [10, 11, 12]
+    offsets = [(0, 3), (3, 7), (7, 9)]  # token 1 covers chars 3..7; the reply starts at 5
+    labels, straddles = labels_from_spans(ids, offsets, [(5, 9)])
+    assert labels == [IGNORE_INDEX, IGNORE_INDEX, 12] and straddles == 1
+
+
+def test_truncation_keeps_what_fits_and_drops_examples_with_nothing_left(templates, tokenizer):
+    t = templates["chatml"]
+    short = render(to_messages({"instruction": "Hi", "output": "Hello there."}, t), t, tokenizer)
+    long_prompt = render(
+        to_messages({"instruction": "word " * 200, "output": "Fine."}, t), t, tokenizer
+    )
+    long_reply = render(
+        to_messages({"instruction": "Count.", "output": "one two " * 100}, t), t, tokenizer
+    )
+    features, stats = prepare([short, long_prompt, long_reply], tokenizer, max_length=64)
+    assert (stats.examples, stats.kept, stats.truncated, stats.dropped) == (3, 2, 2, 1)
+    assert all(len(f.input_ids) <= 64 for f in features)
+    cut = features[1]
+    assert len(cut.input_ids) == 64 and cut.labels[-1] != IGNORE_INDEX
+    assert stats.supervised_tokens == sum(f.supervised for f in features)
+
+
+def test_collate_pads_to_the_longest_in_the_batch_and_keeps_eos_labels(tokenizer):
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id  # the hard case
+    eos = tokenizer.eos_token_id
+    a = Feature([5, 6, 7, eos], [IGNORE_INDEX, IGNORE_INDEX, 7, eos])
+    b = Feature([5, 8, eos], [IGNORE_INDEX, 8, eos])
+    batch = collate([a, b], pad_token_id=tokenizer.pad_token_id)
+    assert batch["input_ids"].shape == (2, 4)  # the longest, never max_length
+    assert batch["labels"][1].tolist() == [IGNORE_INDEX, 8, eos, IGNORE_INDEX]
+    assert batch["labels"][0].tolist() == [IGNORE_INDEX, IGNORE_INDEX, 7, eos]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    assert batch["input_ids"][1, 3].item() == tokenizer.pad_token_id
+    assert batch["input_ids"].dtype == torch.long
+
+
+def test_rendered_spans_outside_the_text_train_nothing(tokenizer):
+    ((feature, _),) = encode([Rendered("hello world", ())], tokenizer)
+    assert feature.supervised == 0

@@ -1,0 +1,182 @@
+"""End to end on the tiny model through compose() + train(): loss, W&B files, results, best."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from instruct.checkpoint import load_checkpoint
+from instruct.config import compose
+from instruct.data import load_splits
+from instruct.tracking import read_offline_run
+from instruct.train import evaluate, tokenize_split, train
+
+NAMES = [
+    "Ada",
+    "Bob",
+    "Chen",
+    "Dana",
+    "Eve",
+    "Femi",
+    "Gus",
+    "Hana",
+    "Ivan",
+    "Jo",
+    "Kai",
+    "Lena",
+    "Mo",
+    "Nia",
+    "Omar",
+    "Pia",
+    "Quinn",
+    "Rui",
+    "Sara",
+    "Tom",
+    "Uma",
+    "Vic",
+    "Wen",
+    "Yara",
+]
+RESULT_KEYS = {
+    "best_val_loss",
+    "best_step",
+    "initial_val_loss",
+    "final_val_loss",
+    "train_loss_history",
+    "val_loss_history",
+    "supervised_tokens",
+    "train_seconds",
+    "checkpoint",
+}
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory) -> Path:
+    """A learnable set: the reply is a fixed sentence around the name in the instruction."""
+    path = tmp_path_factory.mktemp("data") / "greetings.jsonl"
+    rows = [
+        {"instruction": f"Greet {n}.", "output": f"Hello, {n}! It is good to see you."}
+        for n in NAMES
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def toy_config(data: Path, run_dir: Path, *overrides: str):
+    return compose(
+        [
+            "model=tiny",
+            "data=file",
+            f"data.paths=[{data}]",
+            "data.val_fraction=0.25",
+            "lora=none",
+            "optimizer.lr=1e-2",
+            "trainer.max_steps=12",
+            "trainer.eval_every=4",
+            "trainer.batch_size=6",
+            f"run_dir={run_dir}",
+            *overrides,
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def full_run(toy_data, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = toy_config(toy_data, run_dir)
+    return cfg, train(cfg), run_dir
+
+
+def test_loss_is_finite_and_decreases(full_run):
+    _, results, _ = full_run
+    train_losses = [v for _, v in results["train_loss_history"]]
+    assert all(math.isfinite(v) for v in train_losses)
+    assert len(train_losses) == 12
+    assert sum(train_losses[-3:]) / 3 < 0.7 * sum(train_losses[:3]) / 3
+    assert results["best_val_loss"] < 0.7 * results["initial_val_loss"]
+    assert [s for s, _ in results["val_loss_history"]] == [0, 4, 8, 12]
+
+
+def test_results_json_is_complete(full_run):
+    _, results, run_dir = full_run
+    on_disk = json.loads((run_dir / "results.json").read_text())
+    assert RESULT_KEYS <= set(on_disk)
+    assert on_disk["best_val_loss"] == min(v for _, v in on_disk["val_loss_history"])
+    assert on_disk["supervised_tokens"] > 0 and on_disk["train_seconds"] > 0
+    assert Path(on_disk["checkpoint"]) == run_dir / "checkpoints" / "best"
+
+
+def test_wandb_offline_run_holds_the_losses(full_run):
+    _, results, run_dir = full_run
+    (run_file,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    recorded = read_offline_run(run_file)
+    train_steps = [r["_step"] for r in recorded["history"] if "train/loss" in r]
+    val = [(r["_step"], r["val/loss"]) for r in recorded["history"] if "val/loss" in r]
+    assert train_steps == list(range(1, 13))
+    assert val == [tuple(p) for p in results["val_loss_history"]]
+    assert all(
+        "train/lr" in r and "train/grad_norm" in r and "train/tokens_per_s" in r
+        for r in recorded["history"]
+        if "train/loss" in r
+    )
+    assert recorded["summary"]["best_val_loss"] == pytest.approx(results["best_val_loss"])
+    assert recorded["summary"]["best_step"] == results["best_step"]
+    assert recorded["config"]["lora"]["enabled"] is False
+
+
+def assert_reloads_to_best(run_dir: Path, results: dict) -> None:
+    best = run_dir / "checkpoints" / "best"
+    assert {"config.yaml", "template.yaml", "tokenizer.json"} <= {p.name for p in best.iterdir()}
+    assert any(p.suffix == ".safetensors" for p in best.iterdir())
+    model, tokenizer, cfg = load_checkpoint(best)
+    _, val_examples = load_splits(cfg.data, cfg.seed)
+    val_set, _ = tokenize_split(val_examples, cfg, tokenizer)
+    loss = evaluate(model, val_set, 8, tokenizer.pad_token_id, "cpu")
+    assert loss == pytest.approx(results["best_val_loss"], abs=1e-5)
+
+
+def test_best_checkpoint_reloads_to_the_same_val_loss(full_run):
+    _, results, run_dir = full_run
+    assert_reloads_to_best(run_dir, results)
+
+
+def test_lora_run_keeps_an_adapter_that_reloads(toy_data, tmp_path):
+    cfg = toy_config(
+        toy_data,
+        tmp_path,
+        "lora=default",
+        "lora.rank=4",
+        "trainer.max_steps=4",
+        "template=chatml",
+        "logger=none",
+        "optimizer.lr=1e-2",
+    )
+    results = train(cfg)
+    assert results["best_val_loss"] < results["initial_val_loss"]
+    assert (tmp_path / "checkpoints" / "best" / "adapter_model.safetensors").is_file()
+    assert results["trainable_parameters"] < results["total_parameters"] / 5
+    assert_reloads_to_best(tmp_path, results)
+
+
+def test_same_seed_same_losses(toy_data, tmp_path, full_run):
+    cfg, results, _ = full_run
+    again = train(toy_config(toy_data, tmp_path, "logger=none"))
+    assert again["train_loss_history"] == results["train_loss_history"]
+    assert again["val_loss_history"] == results["val_loss_history"]
+
+
+def test_gradient_accumulation_matches_one_big_batch(toy_data, tmp_path):
+    """The loss is the mean over supervised tokens of the whole step, not a mean of means."""
+    common = ("logger=none", "trainer.max_steps=3", "trainer.save_best=false")
+    big = train(toy_config(toy_data, tmp_path / "a", "trainer.batch_size=6", *common))
+    accum = train(
+        toy_config(
+            toy_data, tmp_path / "b", "trainer.batch_size=3", "trainer.grad_accum=2", *common
+        )
+    )
+    for (_, x), (_, y) in zip(big["train_loss_history"], accum["train_loss_history"], strict=True):
+        assert x == pytest.approx(y, abs=1e-5)
+    assert big["final_val_loss"] == pytest.approx(accum["final_val_loss"], abs=1e-5)
