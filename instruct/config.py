@@ -187,6 +187,39 @@ def compose(overrides: list[str] | None = None, return_hydra_config: bool = Fals
         )
 
 
+def check(cfg: DictConfig) -> None:
+    """Range checks the schema's types cannot express; each error names its key."""
+    t, o, lora = cfg.trainer, cfg.optimizer, cfg.lora
+    rules = [
+        ("trainer.batch_size", t.batch_size >= 1, "at least 1"),
+        ("trainer.grad_accum", t.grad_accum >= 1, "at least 1"),
+        ("trainer.eval_every", t.eval_every >= 1, "at least 1"),
+        ("trainer.log_every", t.log_every >= 1, "at least 1"),
+        ("trainer.max_length", t.max_length >= 2, "at least 2"),
+        ("trainer.epochs", t.epochs >= 1 or t.max_steps is not None, "at least 1"),
+        ("trainer.max_steps", t.max_steps is None or t.max_steps >= 1, "null or at least 1"),
+        ("trainer.precision", t.precision in ("fp32", "bf16", "fp16"), "fp32, bf16 or fp16"),
+        ("optimizer.lr", o.lr > 0, "positive"),
+        (
+            "optimizer.scheduler",
+            o.scheduler in ("cosine", "linear", "constant"),
+            "cosine, linear or constant",
+        ),
+        ("optimizer.warmup_ratio", 0 <= o.warmup_ratio < 1, "in [0, 1)"),
+        ("lora.rank", not lora.enabled or lora.rank >= 1, "at least 1"),
+        ("lora.dropout", 0 <= lora.dropout < 1, "in [0, 1)"),
+        ("data.val_fraction", 0 < cfg.data.val_fraction < 1, "in (0, 1)"),
+        (
+            "logger.mode",
+            cfg.logger.mode in ("online", "offline", "disabled"),
+            "online, offline or disabled",
+        ),
+    ]
+    bad = [f"{key} must be {expected}" for key, ok, expected in rules if not ok]
+    if bad:
+        raise ValueError("invalid config: " + "; ".join(bad))
+
+
 def option_names(group: str) -> list[str]:
     """The YAML options shipped for a config group, e.g. ``["alpaca", "chatml", ...]``."""
     from importlib import resources

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from instruct.checkpoint import save_checkpoint
-from instruct.config import to_container
+from instruct.config import check, to_container
 from instruct.data import load_splits
 from instruct.model import apply_lora, build_model, count_parameters, fit_tokenizer
 from instruct.optim import build_optimizer, build_scheduler
@@ -130,11 +131,8 @@ def setup(cfg: DictConfig) -> Run:
 
     if not cfg.run_dir:
         raise ValueError("run_dir: set it (the CLI takes it from Hydra's run folder)")
+    check(cfg)
     t = cfg.trainer
-    if t.precision not in PRECISIONS:
-        raise ValueError(
-            f"trainer.precision: expected one of {list(PRECISIONS)}, got {t.precision!r}"
-        )
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
     accelerator = Accelerator(mixed_precision=PRECISIONS[t.precision])
@@ -270,6 +268,7 @@ class Run:
         schedule = step_batches(len(self.train_set), t.batch_size, t.grad_accum, self.cfg.seed)
         self.model.train()
         start = time.perf_counter()
+        recent: deque[float] = deque(maxlen=10)  # the bar shows the running mean of these
         bar = tqdm(range(1, self.steps + 1), desc="train", unit="step", dynamic_ncols=True)
         for step in bar:
             step_start = time.perf_counter()
@@ -285,6 +284,7 @@ class Run:
             n_tok = sum(len(f.input_ids) for mb in micro_batches for f in mb)
             supervised_total += n_sup
             self.history["train"].append([step, train_loss])
+            recent.append(train_loss)
             if step % t.log_every == 0 or step == self.steps:
                 self.tracker.log(
                     {
@@ -299,7 +299,9 @@ class Run:
                 )
             if step % t.eval_every == 0 or step == self.steps:
                 self.validate(step)
-            bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{self.history['val'][-1][1]:.3f}")
+            bar.set_postfix(
+                loss=f"{sum(recent) / len(recent):.3f}", val=f"{self.history['val'][-1][1]:.3f}"
+            )
         bar.close()
         train_seconds = time.perf_counter() - start
         summary = {"best_val_loss": self.best_val_loss, "best_step": self.best_step}

@@ -7,8 +7,13 @@ from peft import PeftModel
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from instruct.config import compose
-from instruct.model import apply_lora, build_model, build_tiny_tokenizer, count_parameters
-from instruct.model import fit_tokenizer
+from instruct.model import (
+    apply_lora,
+    build_model,
+    build_tiny_tokenizer,
+    count_parameters,
+    fit_tokenizer,
+)
 from instruct.templates import render, to_messages
 from instruct.tokenize import collate, prepare
 from instruct.train import loss_sum
@@ -16,9 +21,15 @@ from instruct.train import loss_sum
 
 def small_llama(vocab: int) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                         tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -26,15 +37,19 @@ def test_tiny_model_is_deterministic_and_uses_its_tokenizer():
     cfg = compose(["model=tiny"]).model
     (a, tok), (b, _) = build_model(cfg), build_model(cfg)
     assert a.get_input_embeddings().num_embeddings == len(tok)
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    pairs = zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    assert all(torch.equal(x, y) for x, y in pairs)
     assert tok.is_fast and tok.pad_token == tok.eos_token == "<|endoftext|>"
 
 
 def test_lora_targets_every_linear_layer_and_none_trains_everything():
     model, _ = build_model(compose(["model=tiny"]).model)
     lora = apply_lora(model, compose(["lora.rank=4"]).lora, [])
-    names = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in lora.named_parameters()
-             if "lora_A" in n}
+    names = {
+        n.split(".lora_A")[0].rsplit(".", 1)[-1]
+        for n, _ in lora.named_parameters()
+        if "lora_A" in n
+    }
     assert names == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     trainable, total = count_parameters(lora)
     assert 0 < trainable < total / 5
@@ -74,5 +89,6 @@ def test_tokens_a_template_adds_are_trained_and_saved_with_the_adapter(tmp_path)
         expect = peft_model(input_ids=batch["input_ids"]).logits
         got = reloaded(input_ids=batch["input_ids"]).logits
     assert torch.allclose(expect[..., : new_ids[0]], got[..., : new_ids[0]], atol=1e-5)
-    assert torch.allclose(reloaded.get_input_embeddings()(torch.tensor(new_ids)),
-                          after[new_ids], atol=1e-6)
+    assert torch.allclose(
+        reloaded.get_input_embeddings()(torch.tensor(new_ids)), after[new_ids], atol=1e-6
+    )
