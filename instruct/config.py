@@ -68,8 +68,10 @@ class ModelConfig:
     name: str = MISSING
     builder: str = MISSING  # key in instruct.model.BUILDERS
     dtype: str = "float32"  # float32 | bfloat16 | float16 | auto
-    path: str | None = None
+    path: str | None = None  # hf: folder or hub id; gguf: folder holding gguf_file
     trust_remote_code: bool = False
+    gguf_file: str | None = None  # gguf: the weights file, dequantised once into the cache
+    package: str | None = None  # gguf: a Python package whose folder ships gguf_file
     # The tiny model's architecture (ignored by other builders).
     vocab_size: int = 4096
     hidden_size: int = 64
@@ -116,6 +118,9 @@ class TrainerConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16, applied through Accelerate
     save_best: bool = True
     log_every: int = 1
+    # At each evaluation, greedy replies to this many validation prompts go to a W&B table.
+    samples: int = 3
+    sample_max_new_tokens: int = 64
 
 
 @dataclass
@@ -128,6 +133,19 @@ class LoggerConfig:
     # Filled from Hydra when left null: the job's overrides and, in a multirun, the sweep.
     name: str | None = None
     group: str | None = None
+
+
+@dataclass
+class SamplingConfig:
+    """How replies are generated (generate, chat, evaluate)."""
+
+    max_new_tokens: int = 256
+    do_sample: bool = True  # false: greedy, deterministic
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 50
+    repetition_penalty: float = 1.0
+    seed: int = 0
 
 
 @dataclass
@@ -144,6 +162,56 @@ class RunConfig:
     run_dir: str | None = None
 
 
+@dataclass
+class GenerateConfig:
+    """``python -m instruct.generate``: one reply from a checkpoint."""
+
+    checkpoint: str = MISSING
+    prompt: str | None = None  # None: read the prompt from standard input
+    input: str | None = None  # optional input text, as in instruction + input examples
+    system: str | None = None
+    sampling: SamplingConfig = MISSING
+
+
+@dataclass
+class ChatConfig:
+    """``python -m instruct.chat``: a multi-turn conversation in the terminal."""
+
+    checkpoint: str = MISSING
+    system: str | None = None
+    sampling: SamplingConfig = MISSING
+
+
+@dataclass
+class EvaluateConfig:
+    """``python -m instruct.evaluate``: base vs tuned on held-out instructions."""
+
+    checkpoint: str = MISSING
+    out: str | None = None  # None: <checkpoint>/../../eval (the run folder)
+    test_file: str | None = None  # None: the shipped test instructions
+    max_val_examples: int | None = None
+    batch_size: int = 8
+    compare_base: bool = True
+    sampling: SamplingConfig = MISSING
+    logger: LoggerConfig = MISSING
+
+
+@dataclass
+class ExportConfig:
+    """``python -m instruct.export``: merge LoRA into the base; a standard HF folder."""
+
+    checkpoint: str = MISSING
+    out: str = MISSING
+    dtype: str | None = None  # None: the training dtype
+
+
+CLI_SCHEMAS: dict[str, type] = {
+    "generate_schema": GenerateConfig,
+    "chat_schema": ChatConfig,
+    "evaluate_schema": EvaluateConfig,
+    "export_schema": ExportConfig,
+}
+
 CONFIG_MODULE = "instruct.conf"
 HYDRA_VERSION_BASE = "1.3"
 
@@ -156,6 +224,7 @@ SCHEMAS: dict[str, type] = {
     "optimizer": OptimizerConfig,
     "trainer": TrainerConfig,
     "logger": LoggerConfig,
+    "sampling": SamplingConfig,
 }
 
 
@@ -163,13 +232,19 @@ def register_schemas() -> None:
     """Store every schema so YAML options can name it in their defaults list."""
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
+    for name, node in CLI_SCHEMAS.items():
+        cs.store(name=name, node=node)
     for key, node in SCHEMAS.items():
         group, _, variant = key.partition("/")
         name = f"{variant}_schema" if variant else f"{group}_schema"
         cs.store(group=group, name=name, node=node)
 
 
-def compose(overrides: list[str] | None = None, return_hydra_config: bool = False) -> DictConfig:
+def compose(
+    overrides: list[str] | None = None,
+    return_hydra_config: bool = False,
+    config_name: str = "config",
+) -> DictConfig:
     """Compose the run config from the shipped groups, as the CLI would (used by tests).
 
     Any error Hydra raises for a bad override (wrong type, unknown key, unknown option)
@@ -181,7 +256,7 @@ def compose(overrides: list[str] | None = None, return_hydra_config: bool = Fals
     register_schemas()
     with initialize_config_module(config_module=CONFIG_MODULE, version_base=HYDRA_VERSION_BASE):
         return hydra_compose(
-            config_name="config",
+            config_name=config_name,
             overrides=list(overrides or []),
             return_hydra_config=return_hydra_config,
         )

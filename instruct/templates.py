@@ -8,6 +8,7 @@ starts to write). A template is data: a :class:`~instruct.config.TemplateConfig`
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -203,3 +204,89 @@ def _merge(spans: list[Span]) -> tuple[Span, ...]:
         else:
             merged.append((s, e))
     return tuple(merged)
+
+
+def _jinja_literal(text: str) -> str:
+    """A Jinja string literal for ``text`` (JSON escaping is valid Jinja syntax)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _split_content(fmt: str, field: str, special: dict[str, str]) -> tuple[str, str]:
+    """``fmt`` with specials filled in, split around its single ``{content}``."""
+    filled = fill(fmt, **special)
+    if filled.count("{content}") != 1:
+        raise ValueError(f"template.{field} must contain {{content}} exactly once: {fmt!r}")
+    before, after = filled.split("{content}")
+    return before, after
+
+
+def chat_template(template: Any, tokenizer: Any) -> str:
+    """A Jinja ``chat_template`` that renders exactly as :func:`render` does.
+
+    Saved with the tokenizer of every checkpoint, so ``apply_chat_template`` reproduces the
+    training prompt token for token. A native template is the tokenizer's own, unchanged.
+    """
+    if template.kind == "native":
+        return tokenizer.chat_template
+    special = special_strings(tokenizer)
+    lit = _jinja_literal
+    sys_a, sys_b = _split_content(template.system_format, "system_format", special)
+    user_a, user_b = _split_content(template.user_format, "user_format", special)
+    bot_a, bot_b = _split_content(template.assistant_format, "assistant_format", special)
+    prefix = fill(template.prefix, **special)
+    eot = fill(template.end_of_turn, **special)
+    sep = fill(template.turn_separator, **special)
+    gen = fill(template.assistant_prefix, **special)
+    default_system = "none" if template.system is None else lit(template.system)
+    return (
+        "{%- set ns = namespace(after_reply=false) -%}"
+        f"{{{{- {lit(prefix)} -}}}}"
+        "{%- if messages and messages[0]['role'] == 'system' -%}"
+        "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
+        f"{{%- else -%}}{{%- set system = {default_system} -%}}{{%- set turns = messages -%}}"
+        "{%- endif -%}"
+        f"{{%- if system is not none -%}}{{{{- {lit(sys_a)} + system + {lit(sys_b)} -}}}}"
+        "{%- endif -%}"
+        "{%- for message in turns -%}"
+        f"{{%- if ns.after_reply -%}}{{{{- {lit(sep)} -}}}}{{%- endif -%}}"
+        "{%- if message['role'] == 'user' -%}"
+        f"{{{{- {lit(user_a)} + message['content'] + {lit(user_b)} -}}}}"
+        "{%- set ns.after_reply = false -%}"
+        "{%- elif message['role'] == 'assistant' -%}"
+        f"{{{{- {lit(gen + bot_a)} + message['content'] + {lit(bot_b + eot)} -}}}}"
+        "{%- set ns.after_reply = true -%}"
+        "{%- else -%}"
+        "{{- raise_exception('unexpected role ' + message['role'] + '; a system message may "
+        "only come first') -}}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}"
+        f"{{%- if ns.after_reply -%}}{{{{- {lit(sep)} -}}}}{{%- endif -%}}{{{{- {lit(gen)} -}}}}"
+        "{%- endif -%}"
+    )
+
+
+def end_of_turn(template: Any, tokenizer: Any) -> str:
+    """The text the template writes right after a reply and trains on (e.g. ``<|im_end|>``)."""
+    probe = "PROBE"
+    rendered = render(
+        [{"role": "user", "content": "q"}, {"role": "assistant", "content": probe}],
+        template,
+        tokenizer,
+    )
+    trained = rendered.trained_text()
+    return trained[trained.index(probe) + len(probe) :]
+
+
+def stop_tokens(template: Any, tokenizer: Any) -> tuple[list[int], list[str]]:
+    """Token ids that end a reply, plus stop strings when end-of-turn spans several tokens."""
+    ids = [tokenizer.eos_token_id]
+    strings: list[str] = []
+    eot = end_of_turn(template, tokenizer).strip()
+    if eot:
+        eot_ids = tokenizer(eot, add_special_tokens=False).input_ids
+        if len(eot_ids) == 1:
+            ids.insert(0, eot_ids[0])
+        else:
+            strings.append(eot)
+    return list(dict.fromkeys(i for i in ids if i is not None)), strings

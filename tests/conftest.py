@@ -1,6 +1,9 @@
-"""Shared fixtures: the tiny model's real byte-level BPE tokenizer and composed configs."""
+"""Shared fixtures: the tiny model's real BPE tokenizer, composed configs, a toy data set."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import pytest
 
@@ -20,3 +23,87 @@ def templates():
     from instruct.config import option_names
 
     return {name: compose([f"template={name}"]).template for name in option_names("template")}
+
+
+NAMES = [
+    "Ada",
+    "Bob",
+    "Chen",
+    "Dana",
+    "Eve",
+    "Femi",
+    "Gus",
+    "Hana",
+    "Ivan",
+    "Jo",
+    "Kai",
+    "Lena",
+    "Mo",
+    "Nia",
+    "Omar",
+    "Pia",
+    "Quinn",
+    "Rui",
+    "Sara",
+    "Tom",
+    "Uma",
+    "Vic",
+    "Wen",
+    "Yara",
+]
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory) -> Path:
+    """A learnable toy set: greetings and farewells to different names."""
+    path = tmp_path_factory.mktemp("data") / "greetings.jsonl"
+    # Two reply classes picked by the instruction's first word: learnable by a 2-layer model
+    # (copying the name would need induction heads it does not have).
+    rows = [
+        {"instruction": f"Greet {n}.", "output": "Hello! It is good to see you."}
+        if i % 2 == 0
+        else {"instruction": f"Say goodbye to {n}.", "output": "Goodbye, and see you soon."}
+        for i, n in enumerate(NAMES)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def toy_config(data: Path, run_dir: Path, *overrides: str):
+    return compose(
+        [
+            "model=tiny",
+            "data=file",
+            f"data.paths=[{data}]",
+            "data.val_fraction=0.25",
+            "lora=none",
+            "optimizer.lr=1e-2",
+            "trainer.max_steps=12",
+            "trainer.eval_every=4",
+            "trainer.batch_size=6",
+            f"run_dir={run_dir}",
+            *overrides,
+        ]
+    )
+
+
+@pytest.fixture(scope="session")
+def tuned_toy(toy_data, tmp_path_factory):
+    """A tiny model fully fine-tuned until it reproduces the toy replies; (run dir, results)."""
+    from instruct.train import train
+
+    run_dir = tmp_path_factory.mktemp("tuned")
+    cfg = toy_config(toy_data, run_dir, "trainer.max_steps=40", "trainer.eval_every=10",
+                     "logger=none", "template=chatml")
+    return run_dir, train(cfg)
+
+
+@pytest.fixture(scope="session")
+def lora_toy(toy_data, tmp_path_factory):
+    """A tiny model tuned with LoRA adapters (ChatML); (run dir, results)."""
+    from instruct.train import train
+
+    run_dir = tmp_path_factory.mktemp("lora")
+    cfg = toy_config(toy_data, run_dir, "lora=default", "lora.rank=8", "trainer.max_steps=20",
+                     "trainer.eval_every=10", "logger=none", "template=chatml")
+    return run_dir, train(cfg)

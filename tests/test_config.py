@@ -10,7 +10,11 @@ from instruct.config import SCHEMAS, compose, option_names
 from instruct.model import BUILDERS
 
 GROUPS = sorted({key.split("/")[0] for key in SCHEMAS})
-REQUIRED = {"data=file": ["data.paths=[train.jsonl]"], "model=hf": ["model.path=some/model"]}
+REQUIRED = {
+    "data=file": ["data.paths=[train.jsonl]"],
+    "model=hf": ["model.path=some/model"],
+    "model=gguf": ["model.path=some/folder", "model.gguf_file=model.gguf"],
+}
 
 
 def all_options() -> list[str]:
@@ -23,12 +27,33 @@ def test_every_group_ships_options():
     assert len(set(option_names("template")) - {"alpaca", "vicuna", "chatml", "native"}) >= 1
 
 
+# Groups used by an entry point other than training, and the primary config that has them.
+PRIMARY = {"sampling": ("generate", ["checkpoint=ck"])}
+
+
 @pytest.mark.parametrize("override", all_options())
 def test_every_option_composes_into_the_schema(override):
-    cfg = compose([override, *REQUIRED.get(override, [])])
+    config_name, required = PRIMARY.get(override.split("=")[0], ("config", []))
+    cfg = compose([override, *required, *REQUIRED.get(override, [])], config_name=config_name)
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     group, name = override.split("=")
     assert OmegaConf.get_type(cfg[group]) is not dict  # validated against a dataclass
+
+
+@pytest.mark.parametrize(
+    "name, required",
+    [
+        ("generate", ["checkpoint=ck", "prompt=hi"]),
+        ("chat", ["checkpoint=ck"]),
+        ("evaluate", ["checkpoint=ck"]),
+        ("export", ["checkpoint=ck", "out=merged"]),
+    ],
+)
+def test_entry_point_configs_compose(name, required):
+    cfg = compose(required, config_name=name)
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    with pytest.raises(ConfigCompositionException):
+        compose([*required, "no_such_key=1"], config_name=name)
 
 
 def test_every_model_option_names_a_builder():

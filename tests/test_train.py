@@ -13,33 +13,8 @@ from instruct.config import compose
 from instruct.data import load_splits
 from instruct.tracking import read_offline_run
 from instruct.train import evaluate, tokenize_split, train
+from tests.conftest import toy_config
 
-NAMES = [
-    "Ada",
-    "Bob",
-    "Chen",
-    "Dana",
-    "Eve",
-    "Femi",
-    "Gus",
-    "Hana",
-    "Ivan",
-    "Jo",
-    "Kai",
-    "Lena",
-    "Mo",
-    "Nia",
-    "Omar",
-    "Pia",
-    "Quinn",
-    "Rui",
-    "Sara",
-    "Tom",
-    "Uma",
-    "Vic",
-    "Wen",
-    "Yara",
-]
 RESULT_KEYS = {
     "best_val_loss",
     "best_step",
@@ -51,36 +26,6 @@ RESULT_KEYS = {
     "train_seconds",
     "checkpoint",
 }
-
-
-@pytest.fixture(scope="module")
-def toy_data(tmp_path_factory) -> Path:
-    """A learnable set: the reply is a fixed sentence around the name in the instruction."""
-    path = tmp_path_factory.mktemp("data") / "greetings.jsonl"
-    rows = [
-        {"instruction": f"Greet {n}.", "output": f"Hello, {n}! It is good to see you."}
-        for n in NAMES
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-def toy_config(data: Path, run_dir: Path, *overrides: str):
-    return compose(
-        [
-            "model=tiny",
-            "data=file",
-            f"data.paths=[{data}]",
-            "data.val_fraction=0.25",
-            "lora=none",
-            "optimizer.lr=1e-2",
-            "trainer.max_steps=12",
-            "trainer.eval_every=4",
-            "trainer.batch_size=6",
-            f"run_dir={run_dir}",
-            *overrides,
-        ]
-    )
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,65 @@
+"""``python -m instruct.chat checkpoint=<dir>``: talk to a checkpoint in the terminal.
+
+The whole conversation is rendered with the training template at every turn, so the model
+sees its earlier replies as it saw assistant turns in training. ``/reset`` clears the
+history, ``/exit`` (or end of input) quits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import hydra
+
+from instruct.config import CONFIG_MODULE, HYDRA_VERSION_BASE, register_schemas
+from instruct.generate import generate, load_for_inference
+from instruct.templates import Message
+
+
+def chat_loop(
+    model: Any,
+    tokenizer: Any,
+    template: Any,
+    sampling: Any,
+    system: str | None = None,
+    read: Callable[[str], str] = input,
+    write: Callable[[str], None] = print,
+) -> list[Message]:
+    """Read user turns until ``/exit`` or end of input; return the final history."""
+    start: list[Message] = [{"role": "system", "content": system}] if system else []
+    history = list(start)
+    while True:
+        try:
+            line = read("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            write("")
+            break
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            history = list(start)
+            write("(history cleared)")
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        reply = generate(model, tokenizer, template, [history], sampling)[0]
+        history.append({"role": "assistant", "content": reply})
+        write(f"assistant> {reply}")
+    return history
+
+
+@hydra.main(
+    config_path=f"pkg://{CONFIG_MODULE}", config_name="chat", version_base=HYDRA_VERSION_BASE
+)
+def main(cfg: Any) -> None:
+    model, tokenizer, run_cfg = load_for_inference(cfg.checkpoint)
+    print(f"chatting with {cfg.checkpoint} (template {run_cfg.template.name}); "
+          "/reset clears the history, /exit quits")
+    chat_loop(model, tokenizer, run_cfg.template, cfg.sampling, cfg.system)
+
+
+if __name__ == "__main__":
+    register_schemas()
+    main()
