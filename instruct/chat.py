@@ -55,8 +55,10 @@ def chat_loop(
 )
 def main(cfg: Any) -> None:
     model, tokenizer, run_cfg = load_for_inference(cfg.checkpoint)
-    print(f"chatting with {cfg.checkpoint} (template {run_cfg.template.name}); "
-          "/reset clears the history, /exit quits")
+    print(
+        f"chatting with {cfg.checkpoint} (template {run_cfg.template.name}); "
+        "/reset clears the history, /exit quits"
+    )
     chat_loop(model, tokenizer, run_cfg.template, cfg.sampling, cfg.system)
 
 

@@ -26,6 +26,22 @@ class Tracker:
         if self.run is not None:
             self.run.log(metrics, step=step)
 
+    def table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        """A table of rows: a W&B Table, and ``<key>.jsonl`` lines beside the metrics."""
+        path = self.metrics_path.with_name(key.replace("/", "_") + ".jsonl")
+        with path.open("a", encoding="utf-8") as f:
+            for row in rows:
+                f.write(
+                    json.dumps(
+                        {"step": step, **dict(zip(columns, row, strict=True))}, ensure_ascii=False
+                    )
+                    + "\n"
+                )
+        if self.run is not None:
+            import wandb
+
+            self.run.log({key: wandb.Table(columns=columns, data=rows)}, step=step)
+
     def summary(self, values: dict[str, Any]) -> None:
         if self.run is not None:
             for key, value in values.items():
@@ -38,7 +54,9 @@ class Tracker:
             self.run = None
 
 
-def start_tracking(cfg: Any, run_dir: Path, config: dict[str, Any]) -> Tracker:
+def start_tracking(
+    cfg: Any, run_dir: Path, config: dict[str, Any], job_type: str = "train"
+) -> Tracker:
     """Open the W&B run inside ``run_dir`` (``<run_dir>/wandb``) unless logging is off."""
     if cfg.backend == "none" or cfg.mode == "disabled":
         return Tracker(run_dir, None)
@@ -57,6 +75,7 @@ def start_tracking(cfg: Any, run_dir: Path, config: dict[str, Any]) -> Tracker:
         dir=str(run_dir),
         mode=cfg.mode,
         config=config,
+        job_type=job_type,
     )
     return Tracker(run_dir, run)
 

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -25,7 +26,8 @@ from tqdm.auto import tqdm
 
 from instruct.checkpoint import save_checkpoint
 from instruct.config import check, to_container
-from instruct.data import load_splits
+from instruct.data import Example, load_splits, prompt_and_reference
+from instruct.generate import generate
 from instruct.model import apply_lora, build_model, count_parameters, fit_tokenizer
 from instruct.optim import build_optimizer, build_scheduler
 from instruct.templates import render, to_messages
@@ -37,13 +39,46 @@ log = logging.getLogger(__name__)
 PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
+def decoder_and_head(model: Any) -> tuple[Any, Any] | None:
+    """The decoder stack and output layer of a causal LM, when calling them apart is exact.
+
+    Not for models whose forward changes the logits after the output layer (Gemma's
+    soft-capping, Cohere's logit scale), nor for a wrapper such as DDP whose own forward must
+    run for gradients to synchronise; those take the full forward.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if config is None or getattr(config, "final_logit_softcapping", None):
+        return None
+    if getattr(config, "logit_scale", None) not in (None, 1, 1.0):
+        return None
+    get_decoder = getattr(base, "get_decoder", None)
+    decoder = get_decoder() if get_decoder else None
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if decoder is None or head is None or decoder is base:
+        return None
+    return decoder, head
+
+
 def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over supervised positions, and how many there were."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    """Summed cross-entropy over supervised positions, and how many there were.
+
+    The output layer runs only where a label is supervised: with a 49k vocabulary the full
+    logits of a batch take gigabytes, and prompt positions would be computed to be dropped.
+    """
     labels = batch["labels"][:, 1:]
     mask = labels != IGNORE_INDEX
-    picked = logits[:, :-1][mask].float()
-    return F.cross_entropy(picked, labels[mask], reduction="sum"), int(mask.sum())
+    parts = decoder_and_head(model)
+    if parts is None:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        picked = logits.logits[:, :-1][mask]
+    else:
+        decoder, head = parts
+        hidden = decoder(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state
+        picked = head(hidden[:, :-1][mask])
+    return F.cross_entropy(picked.float(), labels[mask], reduction="sum"), int(mask.sum())
 
 
 @torch.no_grad()
@@ -174,19 +209,9 @@ def setup(cfg: DictConfig) -> Run:
         "total_parameters": total,
     }
     tracker.summary(info)
-    return Run(
-        cfg,
-        accelerator,
-        model,
-        tokenizer,
-        optimizer,
-        scheduler,
-        tracker,
-        train_set,
-        val_set,
-        steps,
-        info,
-    )
+    samples = [prompt_and_reference(e) for e in val_examples[: t.samples]]
+    return Run(cfg, accelerator, model, tokenizer, optimizer, scheduler, tracker,
+               train_set, val_set, steps, info, samples)  # fmt: skip
 
 
 @dataclass
@@ -204,6 +229,7 @@ class Run:
     val_set: list[Feature]
     steps: int
     info: dict[str, Any]
+    samples: list[tuple[Example, str]]  # validation prompts shown with replies at each eval
     history: dict[str, list[list[float]]] = field(default_factory=lambda: {"train": [], "val": []})
     best_val_loss: float = math.inf
     best_step: int = -1
@@ -230,6 +256,8 @@ class Run:
         self.tracker.log(
             {"val/loss": val_loss, "val/perplexity": math.exp(min(val_loss, 50))}, step
         )
+        if self.samples:
+            self.log_samples(step)
         if math.isfinite(val_loss) and val_loss < self.best_val_loss:
             self.best_val_loss, self.best_step = val_loss, step
             if t.save_best:
@@ -237,6 +265,23 @@ class Run:
                 state = {"step": step, "val_loss": val_loss}
                 save_checkpoint(self.best_dir, model, self.tokenizer, self.cfg, state)
         return val_loss
+
+    def log_samples(self, step: int) -> None:
+        """Greedy replies to a few validation prompts, as a table (W&B and samples.jsonl)."""
+        template = self.cfg.template
+        greedy = SimpleNamespace(
+            max_new_tokens=self.cfg.trainer.sample_max_new_tokens,
+            do_sample=False,
+            repetition_penalty=1.0,
+        )
+        prompts = [to_messages(example, template) for example, _ in self.samples]
+        model = self.accelerator.unwrap_model(self.model)
+        replies = generate(model, self.tokenizer, template, prompts, greedy)
+        rows = [
+            [step, prompt[-1]["content"], reference, reply]
+            for prompt, (_, reference), reply in zip(prompts, self.samples, replies, strict=True)
+        ]
+        self.tracker.table("samples", ["step", "prompt", "reference", "response"], rows, step)
 
     def step(self, micro_batches: list[list[Feature]]) -> tuple[float, int, float]:
         """One optimizer step over ``micro_batches``: (mean token loss, supervised, grad norm).

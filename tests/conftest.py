@@ -93,8 +93,14 @@ def tuned_toy(toy_data, tmp_path_factory):
     from instruct.train import train
 
     run_dir = tmp_path_factory.mktemp("tuned")
-    cfg = toy_config(toy_data, run_dir, "trainer.max_steps=40", "trainer.eval_every=10",
-                     "logger=none", "template=chatml")
+    cfg = toy_config(
+        toy_data,
+        run_dir,
+        "trainer.max_steps=40",
+        "trainer.eval_every=10",
+        "logger=none",
+        "template=chatml",
+    )
     return run_dir, train(cfg)
 
 
@@ -104,6 +110,14 @@ def lora_toy(toy_data, tmp_path_factory):
     from instruct.train import train
 
     run_dir = tmp_path_factory.mktemp("lora")
-    cfg = toy_config(toy_data, run_dir, "lora=default", "lora.rank=8", "trainer.max_steps=20",
-                     "trainer.eval_every=10", "logger=none", "template=chatml")
+    cfg = toy_config(
+        toy_data,
+        run_dir,
+        "lora=default",
+        "lora.rank=8",
+        "trainer.max_steps=20",
+        "trainer.eval_every=10",
+        "logger=none",
+        "template=chatml",
+    )
     return run_dir, train(cfg)

@@ -13,12 +13,20 @@ from instruct.config import compose
 def test_chat_keeps_history_and_resets(tuned_toy):
     run_dir, _ = tuned_toy
     model, tokenizer, cfg = load_checkpoint(run_dir / "checkpoints" / "best")
-    sampling = compose(["checkpoint=x", "sampling=greedy", "sampling.max_new_tokens=30"],
-                       config_name="chat").sampling
+    sampling = compose(
+        ["checkpoint=x", "sampling=greedy", "sampling.max_new_tokens=30"], config_name="chat"
+    ).sampling
     lines = iter(["Greet Ada.", "Say goodbye to Bob.", "/reset", "Greet Eve.", "/exit", "never"])
     shown: list[str] = []
-    history = chat_loop(model, tokenizer, cfg.template, sampling, system="Be kind.",
-                        read=lambda _: next(lines), write=shown.append)
+    history = chat_loop(
+        model,
+        tokenizer,
+        cfg.template,
+        sampling,
+        system="Be kind.",
+        read=lambda _: next(lines),
+        write=shown.append,
+    )
     assert shown[0] == "assistant> Hello! It is good to see you."
     assert shown[1] == "assistant> Goodbye, and see you soon."
     assert shown[2] == "(history cleared)"
@@ -29,9 +37,18 @@ def test_chat_keeps_history_and_resets(tuned_toy):
 def test_chat_cli_reads_turns_until_end_of_input(tuned_toy, tmp_path):
     run_dir, _ = tuned_toy
     proc = subprocess.run(
-        [sys.executable, "-m", "instruct.chat", f"checkpoint={run_dir / 'checkpoints' / 'best'}",
-         "sampling=greedy", "sampling.max_new_tokens=30"],
-        input="Greet Ada.\nSay goodbye to Bob.\n", cwd=tmp_path, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "instruct.chat",
+            f"checkpoint={run_dir / 'checkpoints' / 'best'}",
+            "sampling=greedy",
+            "sampling.max_new_tokens=30",
+        ],
+        input="Greet Ada.\nSay goodbye to Bob.\n",
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]

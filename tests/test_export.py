@@ -18,11 +18,13 @@ PROMPTS = ["Greet Ada.", "Say goodbye to Bob.", "Tell me about the weather."]
 def greedy_ids(model, tokenizer, prompt: str) -> list[int]:
     """Generation the way a user of the exported folder does it: transformers only."""
     inputs = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True,
-        return_tensors="pt", return_dict=True,
+        [{"role": "user", "content": prompt}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
     )
     out = model.generate(**inputs, max_new_tokens=24, do_sample=False)
-    return out[0, inputs["input_ids"].shape[1]:].tolist()
+    return out[0, inputs["input_ids"].shape[1] :].tolist()
 
 
 def test_export_merges_lora_and_generates_the_same(lora_toy, tmp_path):
@@ -59,9 +61,17 @@ def test_export_never_overwrites(lora_toy, tmp_path):
 def test_export_cli(tuned_toy, tmp_path):
     run_dir, _ = tuned_toy
     proc = subprocess.run(
-        [sys.executable, "-m", "instruct.export", f"checkpoint={run_dir / 'checkpoints' / 'best'}",
-         f"out={tmp_path / 'hf'}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "instruct.export",
+            f"checkpoint={run_dir / 'checkpoints' / 'best'}",
+            f"out={tmp_path / 'hf'}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")

@@ -18,13 +18,15 @@ from instruct.tokenize import IGNORE_INDEX, encode
 EXAMPLES = [
     {"instruction": "Name a colour.", "output": "Blue."},
     {"instruction": "Translate: café", "input": "Straße {x}", "output": "Street"},
-    {"messages": [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": "Hello!"},
-        {"role": "user", "content": "2+2?"},
-        {"role": "assistant", "content": "4"},
-    ]},
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4"},
+        ]
+    },
 ]
 TEMPLATES = ["alpaca", "vicuna", "chatml", "native", "zephyr"]
 
@@ -38,7 +40,7 @@ def test_saved_chat_template_reproduces_the_training_prompt_token_for_token(name
     saved = AutoTokenizer.from_pretrained(tmp_path)  # what a checkpoint's user loads
     for example in EXAMPLES:
         messages = to_messages(example, cfg.template)
-        (feature, _), = encode([render(messages, cfg.template, tokenizer)], tokenizer)
+        ((feature, _),) = encode([render(messages, cfg.template, tokenizer)], tokenizer)
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
@@ -62,8 +64,9 @@ def test_stop_tokens_are_the_trained_end_of_turn(tokenizer, templates):
 def test_a_tuned_model_stops_at_the_end_of_turn(tuned_toy):
     run_dir, _ = tuned_toy
     model, tokenizer, cfg = load_checkpoint(run_dir / "checkpoints" / "best")
-    greedy = compose(["checkpoint=x", "sampling=greedy", "sampling.max_new_tokens=40"],
-                     config_name="generate").sampling
+    greedy = compose(
+        ["checkpoint=x", "sampling=greedy", "sampling.max_new_tokens=40"], config_name="generate"
+    ).sampling
     prompts = ["Greet Ada.", "Say goodbye to Bob."]
     messages = [prompt_messages(cfg.template, p, None, None) for p in prompts]
     replies = generate(model, tokenizer, cfg.template, messages, greedy)
@@ -73,10 +76,11 @@ def test_a_tuned_model_stops_at_the_end_of_turn(tuned_toy):
         assert n_tokens < 20  # stopped at <|im_end|>, far before max_new_tokens
         assert "<|im_end|>" not in reply
     # The same through transformers alone: the checkpoint's generation config stops there too.
-    prompt = tokenizer.apply_chat_template(messages[0], add_generation_prompt=True,
-                                           return_tensors="pt", return_dict=True)
+    prompt = tokenizer.apply_chat_template(
+        messages[0], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     out = model.generate(**prompt, max_new_tokens=40, do_sample=False)
-    new = out[0, prompt["input_ids"].shape[1]:].tolist()
+    new = out[0, prompt["input_ids"].shape[1] :].tolist()
     assert new[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>") and len(new) < 40
 
 
@@ -85,15 +89,29 @@ def test_generate_cli_prints_the_reply(tuned_toy, tmp_path):
     run_dir, _ = tuned_toy
     best = run_dir / "checkpoints" / "best"
     proc = subprocess.run(
-        [sys.executable, "-m", "instruct.generate", f"checkpoint={best}", "prompt=Greet Ada.",
-         "sampling=greedy", "sampling.max_new_tokens=40"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "instruct.generate",
+            f"checkpoint={best}",
+            "prompt=Greet Ada.",
+            "sampling=greedy",
+            "sampling.max_new_tokens=40",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "Hello! It is good to see you."
     assert list(tmp_path.iterdir()) == []  # no run folder or log left behind
     piped = subprocess.run(
         [sys.executable, "-m", "instruct.generate", f"checkpoint={best}", "sampling=greedy"],
-        input="Say goodbye to Eve.", cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        input="Say goodbye to Eve.",
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert piped.returncode == 0 and piped.stdout.strip() == "Goodbye, and see you soon."

@@ -125,3 +125,47 @@ def test_gradient_accumulation_matches_one_big_batch(toy_data, tmp_path):
     for (_, x), (_, y) in zip(big["train_loss_history"], accum["train_loss_history"], strict=True):
         assert x == pytest.approx(y, abs=1e-5)
     assert big["final_val_loss"] == pytest.approx(accum["final_val_loss"], abs=1e-5)
+
+
+def test_each_evaluation_logs_generated_samples(full_run):
+    _, results, run_dir = full_run
+    rows = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [
+        s for s, _ in results["val_loss_history"] for _ in range(3)
+    ]
+    assert all({"prompt", "reference", "response"} <= set(r) for r in rows)
+    (run_file,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    history = read_offline_run(run_file)["history"]
+    tables = [r for r in history if r.get("samples/_type") == "table-file"]
+    assert len(tables) == 4 and tables[0]["samples/nrows"] == 3
+
+
+@pytest.mark.parametrize("lora", ["lora=none", "lora=default"])
+def test_output_layer_only_at_supervised_positions_gives_the_full_forward_loss(lora):
+    """The fast path (decoder, then the head on supervised rows) equals the full forward."""
+    import torch
+    import torch.nn.functional as F
+
+    from instruct.model import apply_lora, build_model, fit_tokenizer
+    from instruct.tokenize import IGNORE_INDEX, collate
+    from instruct.train import decoder_and_head, loss_sum
+
+    cfg = compose(["model=tiny", "template=chatml", lora])
+    model, tokenizer = build_model(cfg.model)
+    new_ids = fit_tokenizer(model, tokenizer, cfg.template)
+    model = apply_lora(model, cfg.lora, new_ids).eval()
+    assert decoder_and_head(model) is not None
+    _, val = load_splits(cfg.data, cfg.seed)
+    features, _ = tokenize_split(val[:6], cfg, tokenizer)
+    batch = collate(features, tokenizer.pad_token_id)
+    fast, n = loss_sum(model, batch)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    full = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]),
+        labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    assert n == int((labels != IGNORE_INDEX).sum())
+    assert torch.allclose(fast, full, rtol=1e-5)

@@ -185,6 +185,15 @@ def split(
     return [examples[i] for i in order[n_val:]], [examples[i] for i in order[:n_val]]
 
 
+def prompt_and_reference(example: Example) -> tuple[Example, str]:
+    """The example without its last reply (what a model is asked), and that reply."""
+    if "messages" in example:
+        messages = example["messages"]
+        last = max(k for k, m in enumerate(messages) if m["role"] == "assistant")
+        return {"messages": messages[:last]}, messages[last]["content"]
+    return {k: example[k] for k in ("instruction", "input") if k in example}, example["output"]
+
+
 def load_splits(cfg: Any, seed: int) -> tuple[list[Example], list[Example]]:
     """Train and validation examples for the data config ``cfg``."""
     if cfg.source not in SOURCES:
