@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -121,3 +123,15 @@ def lora_toy(toy_data, tmp_path_factory):
         "template=chatml",
     )
     return run_dir, train(cfg)
+
+
+def run_module(module: str, *args: str, cwd: Path, input: str | None = None):
+    """Run ``python -m <module> args...`` as a user would; the completed process."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 from instruct.chat import chat_loop
 from instruct.checkpoint import load_checkpoint
 from instruct.config import compose
+from tests.conftest import run_module
 
 
 def test_chat_keeps_history_and_resets(tuned_toy):
@@ -36,20 +34,13 @@ def test_chat_keeps_history_and_resets(tuned_toy):
 
 def test_chat_cli_reads_turns_until_end_of_input(tuned_toy, tmp_path):
     run_dir, _ = tuned_toy
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "instruct.chat",
-            f"checkpoint={run_dir / 'checkpoints' / 'best'}",
-            "sampling=greedy",
-            "sampling.max_new_tokens=30",
-        ],
+    proc = run_module(
+        "instruct.chat",
+        f"checkpoint={run_dir / 'checkpoints' / 'best'}",
+        "sampling=greedy",
+        "sampling.max_new_tokens=30",
         input="Greet Ada.\nSay goodbye to Bob.\n",
         cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "assistant> Hello! It is good to see you." in proc.stdout

@@ -10,18 +10,9 @@ from pathlib import Path
 import pytest
 
 from instruct.checks import CHECKS, pass_rate, run_checks, validate_checks
+from instruct.data import TASK_TYPES
 
-DOMAINS = {
-    "general",
-    "explanation",
-    "code",
-    "math",
-    "writing",
-    "classification",
-    "extraction",
-    "rewriting",
-    "refusal",
-}
+DOMAINS = set(TASK_TYPES)
 
 FENCE = "```"
 

@@ -12,18 +12,13 @@ from pathlib import Path
 import pytest
 
 from instruct.tracking import read_offline_run
+from tests.conftest import run_module
 
 FAST = ["model=tiny", "trainer.max_steps=2", "trainer.eval_every=1", "data.domains=[math]"]
 
 
-def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "instruct.run", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+def run_cli(args: list[str], cwd: Path):
+    return run_module("instruct.run", *args, cwd=cwd)
 
 
 @pytest.mark.slow

@@ -8,19 +8,17 @@ from collections import Counter
 import pytest
 
 from instruct.config import compose
-from instruct.data import DataError, load_records, load_splits, manual_path, normalise, split
+from instruct.data import (
+    TASK_TYPES,
+    DataError,
+    load_records,
+    load_splits,
+    manual_path,
+    normalise,
+    split,
+)
 
-DOMAINS = {
-    "general",
-    "explanation",
-    "code",
-    "math",
-    "writing",
-    "classification",
-    "extraction",
-    "rewriting",
-    "refusal",
-}
+DOMAINS = set(TASK_TYPES)
 
 
 def write_jsonl(path, records):

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from instruct.config import compose
 from instruct.evaluate import load_test_instructions, run_evaluation, test_instructions_path
 from instruct.tracking import read_offline_run
+from tests.conftest import run_module
 
 
 def eval_config(checkpoint, *overrides):
@@ -76,21 +75,14 @@ def test_a_custom_test_file_is_checked(lora_toy, tmp_path):
 @pytest.mark.slow
 def test_evaluate_cli(tuned_toy, tmp_path):
     run_dir, _ = tuned_toy
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "instruct.evaluate",
-            f"checkpoint={run_dir / 'checkpoints' / 'best'}",
-            f"out={tmp_path / 'ev'}",
-            "sampling.max_new_tokens=8",
-            "max_val_examples=2",
-            "logger=none",
-        ],
+    proc = run_module(
+        "instruct.evaluate",
+        f"checkpoint={run_dir / 'checkpoints' / 'best'}",
+        f"out={tmp_path / 'ev'}",
+        "sampling.max_new_tokens=8",
+        "max_val_examples=2",
+        "logger=none",
         cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "validation loss (responses)" in proc.stdout

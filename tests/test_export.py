@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from instruct.checkpoint import load_checkpoint
 from instruct.export import export
+from tests.conftest import run_module
 
 PROMPTS = ["Greet Ada.", "Say goodbye to Bob.", "Tell me about the weather."]
 
@@ -60,18 +58,11 @@ def test_export_never_overwrites(lora_toy, tmp_path):
 @pytest.mark.slow
 def test_export_cli(tuned_toy, tmp_path):
     run_dir, _ = tuned_toy
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "instruct.export",
-            f"checkpoint={run_dir / 'checkpoints' / 'best'}",
-            f"out={tmp_path / 'hf'}",
-        ],
+    proc = run_module(
+        "instruct.export",
+        f"checkpoint={run_dir / 'checkpoints' / 'best'}",
+        f"out={tmp_path / 'hf'}",
         cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")

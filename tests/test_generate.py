@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 from transformers import AutoTokenizer
 
@@ -14,6 +11,7 @@ from instruct.generate import generate, prompt_messages
 from instruct.model import build_model, fit_tokenizer
 from instruct.templates import render, stop_tokens, to_messages
 from instruct.tokenize import IGNORE_INDEX, encode
+from tests.conftest import run_module
 
 EXAMPLES = [
     {"instruction": "Name a colour.", "output": "Blue."},
@@ -88,30 +86,22 @@ def test_a_tuned_model_stops_at_the_end_of_turn(tuned_toy):
 def test_generate_cli_prints_the_reply(tuned_toy, tmp_path):
     run_dir, _ = tuned_toy
     best = run_dir / "checkpoints" / "best"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "instruct.generate",
-            f"checkpoint={best}",
-            "prompt=Greet Ada.",
-            "sampling=greedy",
-            "sampling.max_new_tokens=40",
-        ],
+    proc = run_module(
+        "instruct.generate",
+        f"checkpoint={best}",
+        "prompt=Greet Ada.",
+        "sampling=greedy",
+        "sampling.max_new_tokens=40",
         cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "Hello! It is good to see you."
     assert list(tmp_path.iterdir()) == []  # no run folder or log left behind
-    piped = subprocess.run(
-        [sys.executable, "-m", "instruct.generate", f"checkpoint={best}", "sampling=greedy"],
+    piped = run_module(
+        "instruct.generate",
+        f"checkpoint={best}",
+        "sampling=greedy",
         input="Say goodbye to Eve.",
         cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
     )
     assert piped.returncode == 0 and piped.stdout.strip() == "Goodbye, and see you soon."

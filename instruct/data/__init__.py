@@ -15,6 +15,12 @@ from typing import Any
 
 Example = dict[str, Any]
 
+# The task types the shipped manual set and test instructions cover, one "domain" each.
+TASK_TYPES = (
+    "general", "explanation", "code", "math", "writing", "classification", "extraction",
+    "rewriting", "refusal",
+)  # fmt: skip
+
 ROLE_ALIASES = {
     "system": "system",
     "user": "user",
