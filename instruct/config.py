@@ -64,6 +64,51 @@ class FileDataConfig(DataConfig):
 
 
 @dataclass
+class SelfInstructDataConfig(DataConfig):
+    """Self-Instruct (Wang et al. 2022) through any OpenAI-compatible chat-completions API."""
+
+    source: str = "self_instruct"
+    out_dir: str = "data/self_instruct"  # one sub-folder per distinct generation settings
+    seed_path: str | None = None  # None: the shipped instruct/data/seed_tasks.jsonl
+    num_instructions: int = 200  # accepted tasks to reach
+    model: str = "gpt-4o-mini"
+    base_url: str | None = None  # None: api.openai.com; e.g. http://127.0.0.1:8000/v1
+    api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never stored
+    num_examples_in_prompt: int = 3
+    num_tasks_per_request: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 3072
+    concurrency: int = 4
+    request_timeout: float = 60.0  # seconds per request
+    max_retries: int = 5  # 429, 5xx and timeouts, with backoff honouring Retry-After
+    max_failed_requests: int = 20  # stop when this many requests in a row fail
+    generation_seed: int = 0
+    min_instruction_words: int = 3
+    max_instruction_words: int = 150
+    min_output_words: int = 1
+    max_output_words: int = 1500
+    similarity_threshold: float = 0.7  # ROUGE-L F with any pool instruction rejects
+    blacklist: list[str] = field(
+        default_factory=lambda: [
+            "image", "images", "picture", "pictures", "photo", "photos", "graph", "graphs",
+            "plot", "plots", "draw", "drawing", "map", "maps", "file", "files", "video",
+            "videos", "audio", "music", "diagram", "flowchart", "go to", "download",
+            "upload", "screenshot",
+        ]
+    )  # fmt: skip
+    price_input_per_mtok: float | None = None  # USD per million prompt tokens, for a cost estimate
+    price_output_per_mtok: float | None = None
+
+
+@dataclass
+class SelfInstructConfig:
+    """``python -m instruct.self_instruct``: generate the data set without training."""
+
+    data: SelfInstructDataConfig = MISSING
+
+
+@dataclass
 class ModelConfig:
     name: str = MISSING
     builder: str = MISSING  # key in instruct.model.BUILDERS
@@ -210,6 +255,7 @@ CLI_SCHEMAS: dict[str, type] = {
     "chat_schema": ChatConfig,
     "evaluate_schema": EvaluateConfig,
     "export_schema": ExportConfig,
+    "self_instruct_schema": SelfInstructConfig,
 }
 
 CONFIG_MODULE = "instruct.conf"
@@ -219,6 +265,7 @@ SCHEMAS: dict[str, type] = {
     "template": TemplateConfig,
     "data/manual": ManualDataConfig,
     "data/file": FileDataConfig,
+    "data/self_instruct": SelfInstructDataConfig,
     "model": ModelConfig,
     "lora": LoraConfig,
     "optimizer": OptimizerConfig,

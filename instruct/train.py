@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from instruct.checkpoint import save_checkpoint
 from instruct.config import check, to_container
-from instruct.data import Example, load_splits, prompt_and_reference
+from instruct.data import Example, load_splits, prompt_and_reference, provenance
 from instruct.generate import generate
 from instruct.model import apply_lora, build_model, count_parameters, fit_tokenizer
 from instruct.optim import build_optimizer, build_scheduler
@@ -204,7 +204,11 @@ def setup(cfg: DictConfig) -> Run:
     model, optimizer = accelerator.prepare(model, optimizer)
     tracker = start_tracking(cfg.logger, Path(cfg.run_dir), to_container(cfg))
     info = {
-        "data": {"train": vars(train_stats), "validation": vars(val_stats)},
+        "data": {
+            "train": vars(train_stats),
+            "validation": vars(val_stats),
+            "provenance": provenance(cfg.data),
+        },
         "trainable_parameters": trainable,
         "total_parameters": total,
     }

@@ -160,10 +160,31 @@ def load_files(cfg: Any) -> tuple[list[Example], list[Example] | None]:
     return load_records(cfg.paths, columns), val
 
 
+def load_self_instruct(cfg: Any) -> tuple[list[Example], list[Example] | None]:
+    from instruct.self_instruct import load_self_instruct as load  # imports the API client
+
+    return load(cfg)
+
+
+def self_instruct_provenance(cfg: Any) -> dict[str, Any] | None:
+    from instruct.self_instruct import provenance
+
+    return provenance(cfg)
+
+
 SOURCES: dict[str, Callable[[Any], tuple[list[Example], list[Example] | None]]] = {
     "manual": load_manual,
     "file": load_files,
+    "self_instruct": load_self_instruct,
 }
+# How a source's data came to be (settings, counts, usage), for the run's W&B summary.
+PROVENANCE: dict[str, Callable[[Any], dict[str, Any] | None]] = {
+    "self_instruct": self_instruct_provenance,
+}
+
+
+def provenance(cfg: Any) -> dict[str, Any] | None:
+    return PROVENANCE[cfg.source](cfg) if cfg.source in PROVENANCE else None
 
 
 def select_domains(examples: list[Example], domains: Iterable[str] | None) -> list[Example]:

@@ -1,0 +1,513 @@
+"""Self-Instruct data generation through any OpenAI-compatible chat-completions API.
+
+``python -m instruct.self_instruct data.num_instructions=500`` grows a data set from the seed
+tasks, as in Self-Instruct (Wang et al. 2022) and Stanford Alpaca: each request shows a few
+sampled tasks and asks for a batch of new ones as JSON; every candidate passes a chain of
+filters, each counted by reason, the last being ROUGE-L similarity with every instruction
+already in the pool. Accepted tasks are appended and flushed one by one, so a killed run
+resumes where it stopped. The API key is read from the environment and written nowhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import string
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from instruct.config import CONFIG_MODULE, HYDRA_VERSION_BASE, register_schemas
+from instruct.data import DataError, load_records
+from instruct.data.rouge import RougeIndex
+
+log = logging.getLogger(__name__)
+
+TASKS_FILE, REJECTED_FILE, META_FILE = "tasks.jsonl", "rejected.jsonl", "meta.json"
+# Settings that change what is generated; the rest (target count, concurrency, timeouts, the
+# key's variable, prices) can change between runs without starting a new data set.
+GENERATION_KEYS = (
+    "model", "num_examples_in_prompt", "num_tasks_per_request", "temperature", "top_p",
+    "max_tokens", "generation_seed", "min_instruction_words", "max_instruction_words",
+    "min_output_words", "max_output_words", "similarity_threshold", "blacklist",
+)  # fmt: skip
+KEY_ALIASES = {
+    "instruction": ("instruction", "task", "prompt", "question"),
+    "input": ("input", "context", "inputs"),
+    "output": ("output", "response", "answer", "completion"),
+}
+PROMPT_VERSION = 1  # bump when PROMPT changes, so old data sets are not reused by mistake
+PROMPT = """\
+You are helping to build a diverse, high-quality data set for training a helpful, text-only \
+AI assistant. Here are {k} example tasks, as JSON:
+
+{examples}
+
+Write {n} new tasks that differ from these and from each other. Requirements:
+- Vary the kind of task: open questions, explanations, writing, code, math with worked steps, \
+classification, information extraction, rewriting, advice, brainstorming.
+- Vary the verbs and the phrasing; each instruction is one or two sentences in English.
+- A text-only model must be able to do the task: nothing that needs images, audio, video, \
+files, web browsing or actions in the world.
+- "input" holds the material the task works on (a passage, a code snippet, a table) when \
+the instruction needs one, and is "" otherwise. Use an input for about a third of the tasks.
+- "output" is a correct, complete and well-written response to the instruction and input.
+
+Reply with only a JSON array of {n} objects, each with the keys "instruction", "input" and \
+"output"."""
+
+
+class GenerationError(RuntimeError):
+    """An error that retrying will not heal (bad key, unknown model, exhausted quota)."""
+
+
+@dataclass
+class Stats:
+    requests: int = 0
+    failed_requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    candidates: int = 0
+    accepted: int = 0
+    rejected: Counter = field(default_factory=Counter)  # reason -> count
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "failed_requests": self.failed_requests,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "candidates": self.candidates,
+            "accepted": self.accepted,
+            "rejected": dict(sorted(self.rejected.items())),
+        }
+
+
+# ---------------------------------------------------------------------------- parsing
+
+
+def _strip_trailing_commas(text: str) -> str:
+    return re.sub(r",\s*([\]}])", r"\1", text)
+
+
+def parse_tasks(text: str, cut_off: bool = False) -> tuple[list[dict[str, str]], Counter]:
+    """Tasks from a model's reply, and counts of what could not be used, by reason.
+
+    Tolerates code fences, prose around the JSON, trailing commas, a ``{"tasks": [...]}``
+    wrapper and other key names (``response`` for ``output``, ...). When the reply was cut
+    off (``finish_reason == "length"``), the complete items are kept and the cut one dropped.
+    """
+    problems: Counter = Counter()
+    decoder = json.JSONDecoder()
+    items: list[Any] = []
+    pos = 0
+    while (start := text.find("{", pos)) >= 0:
+        try:
+            obj, end = decoder.raw_decode(text, start)
+        except json.JSONDecodeError:
+            close = text.find("}", start)
+            try:
+                obj = json.loads(_strip_trailing_commas(text[start : close + 1]))
+                end = close + 1
+            except json.JSONDecodeError:
+                if close < 0 or cut_off and text.find("{", start + 1) < 0:
+                    problems["cut_off" if cut_off else "unparseable"] += 1
+                    break
+                pos = start + 1
+                continue
+        pos = end
+        if isinstance(obj, dict) and isinstance(obj.get("tasks"), list):
+            items.extend(obj["tasks"])
+        else:
+            items.append(obj)
+    if not items and not problems:
+        problems["unparseable"] += 1
+    tasks = []
+    for item in items:
+        task = _normalise_task(item)
+        if task is None:
+            problems["bad_format"] += 1
+        else:
+            tasks.append(task)
+    return tasks, problems
+
+
+def _normalise_task(item: Any) -> dict[str, str] | None:
+    if not isinstance(item, dict):
+        return None
+    lowered = {str(k).strip().lower(): v for k, v in item.items()}
+    task = {}
+    for key, aliases in KEY_ALIASES.items():
+        value = next((lowered[a] for a in aliases if a in lowered), "")
+        if value is None:
+            value = ""
+        if not isinstance(value, str):
+            return None
+        task[key] = value.strip()
+    if not task["instruction"] or not task["output"]:
+        return None
+    return task
+
+
+# ---------------------------------------------------------------------------- filters
+
+
+def _words(text: str) -> list[str]:
+    return text.split()
+
+
+def _norm(text: str) -> str:
+    return " ".join(re.findall(r"\w+", text.lower()))
+
+
+def cheap_filter(task: dict[str, str], cfg: Any, blacklist: re.Pattern[str]) -> str | None:
+    """The reason to reject ``task`` before the similarity check, or None to keep it."""
+    instruction, output = task["instruction"], task["output"]
+    n = len(_words(instruction))
+    if n < cfg.min_instruction_words or n > cfg.max_instruction_words:
+        return "instruction_length"
+    if blacklist.search(instruction):
+        return "blacklist"
+    if instruction[0] in string.punctuation:
+        return "starts_with_punctuation"
+    if not instruction[0].isascii():
+        return "starts_non_ascii"
+    n = len(_words(output))
+    if n < cfg.min_output_words or n > cfg.max_output_words:
+        return "output_length"
+    norm_out, norm_inst = _norm(output), _norm(instruction)
+    if norm_out == norm_inst or (norm_inst in norm_out and len(norm_out) < 1.2 * len(norm_inst)):
+        return "output_repeats_instruction"
+    if output.rstrip().endswith(("...", "\u2026", "etc.", "etc")):
+        return "output_truncated"
+    return None
+
+
+def blacklist_pattern(words: list[str]) -> re.Pattern[str]:
+    alternatives = "|".join(re.escape(w.lower()) for w in words) or "(?!)"
+    return re.compile(rf"\b(?:{alternatives})\b", re.IGNORECASE)
+
+
+def task_key(task: dict[str, str]) -> str:
+    return _norm(task["instruction"]) + "\x00" + _norm(task.get("input", ""))
+
+
+# ---------------------------------------------------------------------------- files
+
+
+def settings_of(cfg: Any, seeds_hash: str) -> dict[str, Any]:
+    settings = {k: OmegaConf.to_container(cfg, resolve=True)[k] for k in GENERATION_KEYS}
+    return {**settings, "seed_pool_sha256": seeds_hash, "prompt_version": PROMPT_VERSION}
+
+
+def dataset_dir(cfg: Any, settings: dict[str, Any]) -> Path:
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(cfg.out_dir) / digest
+
+
+def seed_path(cfg: Any) -> Path:
+    if cfg.seed_path:
+        return Path(cfg.seed_path)
+    return Path(str(resources.files("instruct.data").joinpath("seed_tasks.jsonl")))
+
+
+def read_accepted(path: Path) -> list[dict[str, Any]]:
+    """Accepted tasks so far; a torn last line (a kill mid-write) is dropped with a warning."""
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    tasks, good = [], 0
+    for i, line in enumerate(lines):
+        if not line.strip():
+            good += len(line) + 1
+            continue
+        try:
+            tasks.append(json.loads(line))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            if i < len(lines) - 1 and any(rest.strip() for rest in lines[i + 1 :]):
+                raise DataError(
+                    f"{path}:{i + 1}: corrupt line in the middle of the file"
+                ) from error
+            log.warning("%s:%d: torn last line dropped (the previous run was killed)", path, i + 1)
+            with open(path, "r+b") as f:
+                f.truncate(good)
+            break
+        good += len(line) + 1
+    return tasks
+
+
+# ---------------------------------------------------------------------------- generation
+
+
+@dataclass
+class Generator:
+    """One generation session: the pool, the output files, the counts."""
+
+    cfg: Any
+    folder: Path
+    seeds: list[dict[str, Any]]
+    accepted: list[dict[str, Any]]
+    stats: Stats = field(default_factory=Stats)
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.cfg.generation_seed + len(self.accepted))
+        self.index = RougeIndex([t["instruction"] for t in self.seeds + self.accepted])
+        self.pool_texts = [t["instruction"] for t in self.seeds + self.accepted]
+        self.keys = {task_key(t) for t in self.seeds + self.accepted}
+        self.blacklist = blacklist_pattern(list(self.cfg.blacklist))
+        self.tasks_file = open(self.folder / TASKS_FILE, "a", encoding="utf-8")
+        self.rejected_file = open(self.folder / REJECTED_FILE, "a", encoding="utf-8")
+        self.stats.accepted = len(self.accepted)
+
+    def close(self) -> None:
+        self.tasks_file.close()
+        self.rejected_file.close()
+
+    def prompt(self) -> str:
+        examples = self.rng.sample(
+            self.seeds + self.accepted, min(self.cfg.num_examples_in_prompt, len(self.seeds))
+        )
+        shown = "\n".join(
+            json.dumps(
+                {k: e.get(k, "") for k in ("instruction", "input", "output")}, ensure_ascii=False
+            )
+            for e in examples
+        )
+        return PROMPT.format(k=len(examples), n=self.cfg.num_tasks_per_request, examples=shown)
+
+    def consider(self, task: dict[str, str]) -> bool:
+        """Filter one candidate; append it to the data set or to the rejects. Accepted?"""
+        self.stats.candidates += 1
+        reason = cheap_filter(task, self.cfg, self.blacklist)
+        similar, score = None, None
+        if reason is None and task_key(task) in self.keys:
+            reason = "duplicate"
+        if reason is None:
+            score, idx = self.index.most_similar(task["instruction"], self.cfg.similarity_threshold)
+            if idx is not None and score >= self.cfg.similarity_threshold:
+                reason, similar = "similar", self.pool_texts[idx]
+        if reason is not None:
+            self.stats.rejected[reason] += 1
+            row = {"reason": reason, **task, "most_similar": similar, "rouge_l": score}
+            self.rejected_file.write(json.dumps(row, ensure_ascii=False) + "\n")
+            self.rejected_file.flush()
+            return False
+        record = {"id": f"si-{len(self.accepted) + 1:06d}", **task}
+        self.tasks_file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.tasks_file.flush()
+        os.fsync(self.tasks_file.fileno())
+        self.accepted.append(record)
+        self.index.add(task["instruction"])
+        self.pool_texts.append(task["instruction"])
+        self.keys.add(task_key(task))
+        self.stats.accepted += 1
+        return True
+
+
+def api_key(cfg: Any) -> str:
+    key = os.environ.get(cfg.api_key_env)
+    if key:
+        return key
+    if cfg.base_url:  # local servers (vLLM, llama.cpp, Ollama) often need no key
+        return "no-key"
+    raise GenerationError(
+        f"set the API key in the environment variable {cfg.api_key_env} "
+        f"(data.api_key_env names another variable)"
+    )
+
+
+def _fatal(error: Exception) -> str | None:
+    """A message when ``error`` will not heal by retrying, else None."""
+    import openai
+
+    if isinstance(error, openai.AuthenticationError):
+        return "the API rejected the key (401): check the key in the environment"
+    if isinstance(error, openai.PermissionDeniedError):
+        return "the API refused access (403)"
+    if isinstance(error, openai.NotFoundError):
+        return "the API does not know this endpoint or model (404): check data.model, base_url"
+    if isinstance(error, openai.RateLimitError) and getattr(error, "code", None) == (
+        "insufficient_quota"
+    ):
+        return "the API quota is exhausted (429 insufficient_quota)"
+    if isinstance(error, openai.BadRequestError):
+        return f"the API rejected the request (400): {error}"
+    return None
+
+
+async def _generate(gen: Generator, client: Any, target: int, bar: tqdm) -> None:
+    cfg, stats = gen.cfg, gen.stats
+    consecutive_failures = 0
+    stop: list[str] = []
+
+    async def worker() -> None:
+        nonlocal consecutive_failures
+        while gen.stats.accepted < target and not stop:
+            stats.requests += 1
+            try:
+                response = await client.chat.completions.create(
+                    model=cfg.model,
+                    messages=[{"role": "user", "content": gen.prompt()}],
+                    temperature=cfg.temperature,
+                    top_p=cfg.top_p,
+                    max_tokens=cfg.max_tokens,
+                )
+            except Exception as error:  # noqa: BLE001 - classified below
+                stats.failed_requests += 1
+                message = _fatal(error)
+                if message:
+                    stop.append(message)
+                    return
+                consecutive_failures += 1
+                log.warning("request failed after retries: %s", error)
+                if consecutive_failures >= cfg.max_failed_requests:
+                    stop.append(f"{consecutive_failures} requests in a row failed; last: {error}")
+                continue
+            consecutive_failures = 0
+            if response.usage is not None:
+                stats.prompt_tokens += response.usage.prompt_tokens or 0
+                stats.completion_tokens += response.usage.completion_tokens or 0
+            choice = response.choices[0]
+            tasks, problems = parse_tasks(
+                choice.message.content or "", cut_off=choice.finish_reason == "length"
+            )
+            stats.rejected.update(problems)
+            for task in tasks:
+                if gen.stats.accepted >= target:
+                    break
+                if gen.consider(task):
+                    bar.update(1)
+            bar.set_postfix(requests=stats.requests, rejected=sum(stats.rejected.values()))
+
+    await asyncio.gather(*(worker() for _ in range(cfg.concurrency)))
+    if stop:
+        raise GenerationError(stop[0])
+
+
+def write_meta(folder: Path, cfg: Any, settings: dict[str, Any], stats: Stats, seconds: float):
+    cost = None
+    if cfg.price_input_per_mtok is not None and cfg.price_output_per_mtok is not None:
+        cost = (stats.prompt_tokens * cfg.price_input_per_mtok
+                + stats.completion_tokens * cfg.price_output_per_mtok) / 1e6  # fmt: skip
+    meta = {
+        "settings": settings,
+        "base_url": cfg.base_url,
+        "api_key_env": cfg.api_key_env,  # the variable's name only, never its value
+        "target": cfg.num_instructions,
+        "stats": stats.as_dict(),
+        "estimated_cost_usd": cost,
+        "seconds": round(seconds, 1),
+    }
+    tmp = folder / (META_FILE + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    tmp.replace(folder / META_FILE)
+    return meta
+
+
+def check_settings(cfg: Any) -> None:
+    """Range checks that name their key, before any request is made."""
+    rules = [
+        ("num_instructions", cfg.num_instructions >= 1, "at least 1"),
+        ("num_examples_in_prompt", cfg.num_examples_in_prompt >= 1, "at least 1"),
+        ("num_tasks_per_request", cfg.num_tasks_per_request >= 1, "at least 1"),
+        ("concurrency", cfg.concurrency >= 1, "at least 1"),
+        ("request_timeout", cfg.request_timeout > 0, "positive"),
+        ("max_retries", cfg.max_retries >= 0, "0 or more"),
+        ("max_failed_requests", cfg.max_failed_requests >= 1, "at least 1"),
+        ("similarity_threshold", 0 < cfg.similarity_threshold <= 1, "in (0, 1]"),
+    ]
+    bad = [f"data.{key} must be {expected}" for key, ok, expected in rules if not ok]
+    if bad:
+        raise ValueError("invalid config: " + "; ".join(bad))
+
+
+def ensure_dataset(cfg: Any) -> Path:
+    """The data set for ``cfg``: reused when complete, else generated or resumed to target."""
+    check_settings(cfg)
+    seeds_file = seed_path(cfg)
+    seeds = [t for t in load_records([seeds_file]) if "instruction" in t]
+    if not seeds:
+        raise DataError(f"{seeds_file}: no instruction/output seed tasks")
+    seeds_hash = hashlib.sha256(seeds_file.read_bytes()).hexdigest()
+    settings = settings_of(cfg, seeds_hash)
+    folder = dataset_dir(cfg, settings)
+    folder.mkdir(parents=True, exist_ok=True)
+    accepted = read_accepted(folder / TASKS_FILE)
+    previous = _previous_stats(folder)
+    if len(accepted) >= cfg.num_instructions:
+        log.info("reusing %s: %d tasks generated with the same settings", folder, len(accepted))
+        return folder
+    if accepted:
+        log.info("resuming %s at %d / %d tasks", folder, len(accepted), cfg.num_instructions)
+    import openai
+
+    client = openai.AsyncOpenAI(
+        api_key=api_key(cfg),
+        base_url=cfg.base_url,
+        timeout=cfg.request_timeout,
+        max_retries=cfg.max_retries,
+    )
+    gen = Generator(cfg, folder, seeds, accepted, previous)
+    start = time.perf_counter()
+    bar = tqdm(total=cfg.num_instructions, initial=len(accepted), desc="accepted", unit="task")
+    try:
+        asyncio.run(_generate(gen, client, cfg.num_instructions, bar))
+    finally:
+        bar.close()
+        gen.close()
+        meta = write_meta(folder, cfg, settings, gen.stats, time.perf_counter() - start)
+        log.info("self-instruct: %s", json.dumps(meta["stats"]))
+    return folder
+
+
+def _previous_stats(folder: Path) -> Stats:
+    """Counts from earlier sessions on this data set, so meta.json covers all of them."""
+    path = folder / META_FILE
+    if not path.is_file():
+        return Stats()
+    old = json.loads(path.read_text(encoding="utf-8")).get("stats", {})
+    rejected = Counter(old.pop("rejected", {}))
+    old.pop("accepted", None)
+    return Stats(**{k: v for k, v in old.items() if k in Stats.__dataclass_fields__},
+                 rejected=rejected)  # fmt: skip
+
+
+def load_self_instruct(cfg: Any) -> tuple[list[dict[str, Any]], None]:
+    """The ``self_instruct`` data source: generate (or reuse), then the first N tasks."""
+    folder = ensure_dataset(cfg)
+    tasks = load_records([folder / TASKS_FILE])[: cfg.num_instructions]
+    return tasks, None
+
+
+def provenance(cfg: Any) -> dict[str, Any] | None:
+    """``meta.json`` of the data set ``cfg`` names (for the training run's W&B summary)."""
+    seeds_hash = hashlib.sha256(seed_path(cfg).read_bytes()).hexdigest()
+    path = dataset_dir(cfg, settings_of(cfg, seeds_hash)) / META_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+@hydra.main(
+    config_path=f"pkg://{CONFIG_MODULE}", config_name="self_instruct",
+    version_base=HYDRA_VERSION_BASE,
+)  # fmt: skip
+def main(cfg: DictConfig) -> None:
+    folder = ensure_dataset(cfg.data)
+    print(f"data set: {folder / TASKS_FILE}")
+
+
+if __name__ == "__main__":
+    register_schemas()
+    main()
