@@ -39,19 +39,30 @@ class Tasks:
 
     def one(self) -> dict[str, str]:
         picked = " ".join(self.rng.sample(self.words, 7))
-        return {"instruction": f"Describe {picked} in plain words.", "input": "",
-                "output": f"Here is a short description of {picked}: it is fine."}
+        return {
+            "instruction": f"Describe {picked} in plain words.",
+            "input": "",
+            "output": f"Here is a short description of {picked}: it is fine.",
+        }
 
     def reply(self, n: int, **kwargs) -> Reply:
         return Reply(json.dumps([self.one() for _ in range(n)]), **kwargs)
 
 
 def si_config(tmp_path: Path, server: FakeOpenAI, *overrides: str):
-    return compose([
-        "data=self_instruct", f"data.base_url={server.base_url}", "data.model=scripted",
-        f"data.out_dir={tmp_path / 'si'}", "data.concurrency=1", "data.request_timeout=1",
-        "data.max_retries=2", "data.api_key_env=INSTRUCT_TEST_KEY", *overrides,
-    ])
+    return compose(
+        [
+            "data=self_instruct",
+            f"data.base_url={server.base_url}",
+            "data.model=scripted",
+            f"data.out_dir={tmp_path / 'si'}",
+            "data.concurrency=1",
+            "data.request_timeout=1",
+            "data.max_retries=2",
+            "data.api_key_env=INSTRUCT_TEST_KEY",
+            *overrides,
+        ]
+    )
 
 
 @pytest.fixture
@@ -61,13 +72,24 @@ def secret_key(monkeypatch):
 
 def test_every_filter_and_failure_is_counted(tmp_path, secret_key):
     tasks = Tasks()
-    seeds = [r["instruction"] for r in load_records([seed_path(compose(["data=self_instruct"])
-                                                               .data)])]
+    seeds = [
+        r["instruction"] for r in load_records([seed_path(compose(["data=self_instruct"]).data)])
+    ]
     good = [tasks.one() for _ in range(8)]
-    near_seed = [{"instruction": seeds[0].rstrip(".?!") + " please.", "input": "",
-                  "output": "A fine answer to the seed task."}]
-    blacklisted = [{"instruction": "Draw a diagram of the water cycle for a class.", "input": "",
-                    "output": "I would draw clouds and rain."}]
+    near_seed = [
+        {
+            "instruction": seeds[0].rstrip(".?!") + " please.",
+            "input": "",
+            "output": "A fine answer to the seed task.",
+        }
+    ]
+    blacklisted = [
+        {
+            "instruction": "Draw a diagram of the water cycle for a class.",
+            "input": "",
+            "output": "I would draw clouds and rain.",
+        }
+    ]
     cut = json.dumps(good[3:5] + [tasks.one()])
     cut = cut[: cut.rindex('"output"') + 12]  # the third item is cut mid-string
     with FakeOpenAI() as server:
@@ -77,9 +99,12 @@ def test_every_filter_and_failure_is_counted(tmp_path, secret_key):
             Reply("Sorry, I can only answer in prose today."),
             Reply(cut, finish_reason="length"),
             Reply(json.dumps([good[0]] + [good[5]])),  # an exact duplicate, one new
-            Reply.rate_limited(retry_after=0.2), Reply(json.dumps([good[6]])),
-            Reply.server_error(), Reply(json.dumps([good[7]])),
-            Reply.hang(3), Reply(json.dumps([tasks.one()])),
+            Reply.rate_limited(retry_after=0.2),
+            Reply(json.dumps([good[6]])),
+            Reply.server_error(),
+            Reply(json.dumps([good[7]])),
+            Reply.hang(3),
+            Reply(json.dumps([tasks.one()])),
         )
         cfg = si_config(tmp_path, server, "data.num_instructions=9").data
         folder = ensure_dataset(cfg)
@@ -87,8 +112,13 @@ def test_every_filter_and_failure_is_counted(tmp_path, secret_key):
     meta = json.loads((folder / "meta.json").read_text())
     stats = meta["stats"]
     assert stats["accepted"] == 9
-    assert stats["rejected"] == {"similar": 1, "blacklist": 1, "unparseable": 1, "cut_off": 1,
-                                 "duplicate": 1}
+    assert stats["rejected"] == {
+        "similar": 1,
+        "blacklist": 1,
+        "unparseable": 1,
+        "cut_off": 1,
+        "duplicate": 1,
+    }
     assert stats["requests"] == 8 and len(seen) == 11  # the SDK retried 429, 500, timeout
     assert stats["prompt_tokens"] == 80 and stats["completion_tokens"] == 160
     accepted = [json.loads(line) for line in (folder / "tasks.jsonl").read_text().splitlines()]
@@ -124,12 +154,18 @@ def test_killed_generation_resumes_without_duplicates(tmp_path, secret_key):
     tasks = Tasks(seed=1)
     with FakeOpenAI() as server:
         server.script(*(tasks.reply(2, delay=0.15) for _ in range(40)))
-        args = [f"data.base_url={server.base_url}", "data.model=scripted",
-                f"data.out_dir={tmp_path / 'si'}", "data.concurrency=1",
-                "data.api_key_env=INSTRUCT_TEST_KEY", "data.num_instructions=30"]
+        args = [
+            f"data.base_url={server.base_url}",
+            "data.model=scripted",
+            f"data.out_dir={tmp_path / 'si'}",
+            "data.concurrency=1",
+            "data.api_key_env=INSTRUCT_TEST_KEY",
+            "data.num_instructions=30",
+        ]
         cmd = [sys.executable, "-m", "instruct.self_instruct", *args]
-        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, env=os.environ.copy())
+        proc = subprocess.Popen(
+            cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ.copy()
+        )
         deadline = time.time() + 120
         files = []
         while time.time() < deadline:
@@ -158,13 +194,24 @@ def test_generated_data_trains_tiny_end_to_end_and_no_secret_leaks(tmp_path, sec
     tasks = Tasks(seed=2)
     with FakeOpenAI() as server:
         server.script(*(tasks.reply(4) for _ in range(5)))
-        overrides = ["model=tiny", "trainer.max_steps=3", "trainer.eval_every=3",
-                     f"run_dir={tmp_path / 'run'}"]
+        overrides = [
+            "model=tiny",
+            "trainer.max_steps=3",
+            "trainer.eval_every=3",
+            f"run_dir={tmp_path / 'run'}",
+        ]
         first = train(si_config(tmp_path, server, "data.num_instructions=16", *overrides))
         n_requests = len(server.requests)
         # Same settings again: the data set is reused, no request is made.
-        train(si_config(tmp_path, server, "data.num_instructions=16", *overrides[:-1],
-                        f"run_dir={tmp_path / 'run2'}"))
+        train(
+            si_config(
+                tmp_path,
+                server,
+                "data.num_instructions=16",
+                *overrides[:-1],
+                f"run_dir={tmp_path / 'run2'}",
+            )
+        )
         assert len(server.requests) == n_requests
     assert first["best_val_loss"] < first["initial_val_loss"]
     assert first["data"]["provenance"]["stats"]["accepted"] == 16

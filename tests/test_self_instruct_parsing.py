@@ -10,8 +10,11 @@ from instruct.config import compose
 from instruct.data import DataError
 from instruct.self_instruct import blacklist_pattern, cheap_filter, parse_tasks, read_accepted
 
-GOOD = {"instruction": "Explain why leaves change colour in autumn.", "input": "",
-        "output": "In autumn, trees stop making chlorophyll, so yellow and red pigments show."}
+GOOD = {
+    "instruction": "Explain why leaves change colour in autumn.",
+    "input": "",
+    "output": "In autumn, trees stop making chlorophyll, so yellow and red pigments show.",
+}
 
 
 def test_plain_fenced_and_wrapped_json():
@@ -25,9 +28,11 @@ def test_plain_fenced_and_wrapped_json():
 
 
 def test_trailing_commas_and_other_key_names():
-    text = ('[{"instruction": "List three rivers in Africa.", "input": "", '
-            '"output": "The Nile, the Congo and the Niger.",},'
-            ' {"task": "Say hi politely.", "context": "", "response": "Hello, nice to meet you."}]')
+    text = (
+        '[{"instruction": "List three rivers in Africa.", "input": "", '
+        '"output": "The Nile, the Congo and the Niger.",},'
+        ' {"task": "Say hi politely.", "context": "", "response": "Hello, nice to meet you."}]'
+    )
     tasks, problems = parse_tasks(text)
     assert [t["instruction"] for t in tasks] == ["List three rivers in Africa.", "Say hi politely."]
     assert tasks[1]["output"] == "Hello, nice to meet you." and not problems
@@ -42,8 +47,9 @@ def test_a_list_cut_off_by_length_keeps_the_complete_items():
 
 def test_unusable_replies_are_counted_never_raised():
     assert parse_tasks("I cannot help with that.") == ([], {"unparseable": 1})
-    tasks, problems = parse_tasks('[{"instruction": "x"}, {"foo": 1}, "text", {"instruction": '
-                                  '"Add 2 and 2.", "output": 4}]')
+    tasks, problems = parse_tasks(
+        '[{"instruction": "x"}, {"foo": 1}, "text", {"instruction": "Add 2 and 2.", "output": 4}]'
+    )
     assert tasks == [] and problems == {"bad_format": 3}
 
 
@@ -57,16 +63,31 @@ def test_unusable_replies_are_counted_never_raised():
         ('"Quote" this sentence back to me please.', "Quote this.", "starts_with_punctuation"),
         ("Échangez ces deux mots dans la phrase.", "Fait.", "starts_non_ascii"),
         ("Write a short poem about the sea.", "", "output_length"),
-        ("Write a short poem about the sea.", "Write a short poem about the sea.",
-         "output_repeats_instruction"),
-        ("List some fruits that are rich in vitamin C.", "Oranges, kiwis, strawberries, etc.",
-         "output_truncated"),
-        ("List some fruits that are rich in vitamin C.", "Oranges, kiwis and lemons, and...",
-         "output_truncated"),
-        ("Explain what a prime number is.", "A whole number above 1 divisible only by 1 and "
-         "itself.", None),
-        ("Explain the difference between a mapping and a filter in Python.",
-         "map applies a function to every item; filter keeps the items that pass a test.", None),
+        (
+            "Write a short poem about the sea.",
+            "Write a short poem about the sea.",
+            "output_repeats_instruction",
+        ),
+        (
+            "List some fruits that are rich in vitamin C.",
+            "Oranges, kiwis, strawberries, etc.",
+            "output_truncated",
+        ),
+        (
+            "List some fruits that are rich in vitamin C.",
+            "Oranges, kiwis and lemons, and...",
+            "output_truncated",
+        ),
+        (
+            "Explain what a prime number is.",
+            "A whole number above 1 divisible only by 1 and itself.",
+            None,
+        ),
+        (
+            "Explain the difference between a mapping and a filter in Python.",
+            "map applies a function to every item; filter keeps the items that pass a test.",
+            None,
+        ),
     ],
 )
 def test_cheap_filters(instruction, output, reason):
@@ -86,8 +107,9 @@ def test_a_torn_last_line_is_dropped_and_the_file_repaired(tmp_path, caplog):
         read_accepted(path)
 
 
-@pytest.mark.parametrize("override", ["data.concurrency=0", "data.similarity_threshold=1.5",
-                                      "data.num_instructions=0"])
+@pytest.mark.parametrize(
+    "override", ["data.concurrency=0", "data.similarity_threshold=1.5", "data.num_instructions=0"]
+)
 def test_bad_settings_name_their_key(override):
     from instruct.self_instruct import check_settings
 
