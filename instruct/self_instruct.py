@@ -102,36 +102,50 @@ def _strip_trailing_commas(text: str) -> str:
     return re.sub(r",\s*([\]}])", r"\1", text)
 
 
+def _decode_object(text: str, start: int) -> tuple[Any, int] | None:
+    """The JSON value starting at ``start`` and where it ends; None when it does not parse.
+
+    A second try drops trailing commas up to the first ``}`` (``{"a": "b",}``).
+    """
+    try:
+        return json.JSONDecoder().raw_decode(text, start)
+    except json.JSONDecodeError:
+        close = text.find("}", start)
+        if close < 0:
+            return None
+        try:
+            return json.loads(_strip_trailing_commas(text[start : close + 1])), close + 1
+        except json.JSONDecodeError:
+            return None
+
+
 def parse_tasks(text: str, cut_off: bool = False) -> tuple[list[dict[str, str]], Counter]:
     """Tasks from a model's reply, and counts of what could not be used, by reason.
 
     Tolerates code fences, prose around the JSON, trailing commas, a ``{"tasks": [...]}``
     wrapper and other key names (``response`` for ``output``, ...). When the reply was cut
-    off (``finish_reason == "length"``), the complete items are kept and the cut one dropped.
+    off (``finish_reason == "length"``), the complete items are kept and the cut one, the last
+    that fails to parse, is counted as ``cut_off``; other unparseable objects as ``malformed``.
     """
     problems: Counter = Counter()
-    decoder = json.JSONDecoder()
     items: list[Any] = []
-    pos = 0
+    pos, last_failed = 0, False
     while (start := text.find("{", pos)) >= 0:
-        try:
-            obj, end = decoder.raw_decode(text, start)
-        except json.JSONDecodeError:
+        decoded = _decode_object(text, start)
+        if decoded is None:
+            problems["malformed"] += 1
             close = text.find("}", start)
-            try:
-                obj = json.loads(_strip_trailing_commas(text[start : close + 1]))
-                end = close + 1
-            except json.JSONDecodeError:
-                if close < 0 or cut_off and text.find("{", start + 1) < 0:
-                    problems["cut_off" if cut_off else "unparseable"] += 1
-                    break
-                pos = start + 1
-                continue
-        pos = end
+            pos, last_failed = (close + 1 if close >= 0 else len(text)), True
+            continue
+        obj, pos = decoded
+        last_failed = False
         if isinstance(obj, dict) and isinstance(obj.get("tasks"), list):
             items.extend(obj["tasks"])
         else:
             items.append(obj)
+    if cut_off and last_failed:
+        problems["malformed"] -= 1
+        problems["cut_off"] += 1
     if not items and not problems:
         problems["unparseable"] += 1
     tasks = []
@@ -141,7 +155,7 @@ def parse_tasks(text: str, cut_off: bool = False) -> tuple[list[dict[str, str]],
             problems["bad_format"] += 1
         else:
             tasks.append(task)
-    return tasks, problems
+    return tasks, +problems
 
 
 def _normalise_task(item: Any) -> dict[str, str] | None:

@@ -116,3 +116,12 @@ def test_bad_settings_name_their_key(override):
     key = override.split("=")[0]
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         check_settings(compose(["data=self_instruct", override]).data)
+
+
+def test_a_malformed_object_between_good_ones_is_counted():
+    good = json.dumps(GOOD)
+    text = f'[{good}, {{"instruction": "Broken, "output": oops}}, {good}]'
+    tasks, problems = parse_tasks(text)
+    assert len(tasks) == 2 and problems == {"malformed": 1}
+    tasks, problems = parse_tasks(text, cut_off=True)  # the failure is not the last item
+    assert problems == {"malformed": 1}
