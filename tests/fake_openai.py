@@ -178,10 +178,15 @@ class _Handler(BaseHTTPRequestHandler):
             message = "FakeOpenAI: no scripted reply left and no default set."
             self._send(500, _error_body(message, "server_error"), {"x-should-retry": "false"})
             return
-        if reply.delay > 0 and self.server.fake._closed.wait(reply.delay):
-            return  # shut down mid-hang: the socket is gone, so do not try to answer
-        model = body.get("model", MODEL_ID) if isinstance(body, dict) else MODEL_ID
-        self._send(reply.status, self.server.fake._payload(reply, model), reply.headers)
+        fake = self.server.fake
+        fake._in_flight(+1)
+        try:
+            if reply.delay > 0 and fake._closed.wait(reply.delay):
+                return  # shut down mid-hang: the socket is gone, so do not try to answer
+            model = body.get("model", MODEL_ID) if isinstance(body, dict) else MODEL_ID
+            self._send(reply.status, fake._payload(reply, model), reply.headers)
+        finally:
+            fake._in_flight(-1)
 
     def _record(self, body: Any) -> None:
         headers = {name.lower(): value for name, value in self.headers.items()}
@@ -219,6 +224,8 @@ class FakeOpenAI:
         self._queue: deque[Reply] = deque()
         self._default: Reply | None = None
         self._requests: list[Request] = []
+        self._active = 0
+        self.max_in_flight = 0  # most chat requests being answered at once (concurrency proof)
         self._ids = itertools.count(1)
         self._httpd = _Server(self)
         self.port: int = self._httpd.server_address[1]
@@ -270,6 +277,11 @@ class FakeOpenAI:
     def _record(self, request: Request) -> None:
         with self._lock:
             self._requests.append(request)
+
+    def _in_flight(self, change: int) -> None:
+        with self._lock:
+            self._active += change
+            self.max_in_flight = max(self.max_in_flight, self._active)
 
     def _next_reply(self) -> Reply | None:
         with self._lock:
