@@ -15,7 +15,7 @@ import hydra
 import torch
 
 from instruct.config import CONFIG_MODULE, HYDRA_VERSION_BASE, register_schemas
-from instruct.templates import Message, render, stop_tokens, to_messages
+from instruct.templates import Message, render_many, stop_tokens, to_messages
 
 
 def generation_kwargs(sampling: Any) -> dict[str, Any]:
@@ -53,13 +53,8 @@ def generate(
     replies: list[str] = []
     for start in range(0, len(conversations), batch_size):
         chunk = conversations[start : start + batch_size]
-        prompts = [
-            tokenizer(
-                render(c, template, tokenizer, add_generation_prompt=True).text,
-                add_special_tokens=False,
-            ).input_ids
-            for c in chunk
-        ]
+        rendered = render_many(chunk, template, tokenizer, add_generation_prompt=True)
+        prompts = [tokenizer(r.text, add_special_tokens=False).input_ids for r in rendered]
         width = max(len(p) for p in prompts)
         # Left padding: every prompt ends where generation starts.
         input_ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)

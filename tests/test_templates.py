@@ -129,3 +129,18 @@ def test_bad_roles_are_rejected(templates, tokenizer):
         render(
             [CONVERSATION[0], {"role": "system", "content": "x"}], templates["chatml"], tokenizer
         )
+
+
+def test_render_many_equals_render_one_by_one(templates, tokenizer):
+    from instruct.templates import render_many
+
+    conversations = [
+        CONVERSATION,
+        CONVERSATION[:3],
+        [{"role": "system", "content": "S"}, *CONVERSATION[:2]],
+    ]
+    for name, t in templates.items():
+        for prompt in (False, True):
+            many = render_many(conversations, t, tokenizer, add_generation_prompt=prompt)
+            one = [render(c, t, tokenizer, add_generation_prompt=prompt) for c in conversations]
+            assert many == one, name
