@@ -20,7 +20,7 @@ import re
 import string
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -84,15 +84,7 @@ class Stats:
     rejected: Counter = field(default_factory=Counter)  # reason -> count
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "requests": self.requests,
-            "failed_requests": self.failed_requests,
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "candidates": self.candidates,
-            "accepted": self.accepted,
-            "rejected": dict(sorted(self.rejected.items())),
-        }
+        return {**asdict(self), "rejected": dict(sorted(self.rejected.items()))}
 
 
 # ---------------------------------------------------------------------------- parsing
