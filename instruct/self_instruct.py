@@ -214,7 +214,8 @@ def task_key(task: dict[str, str]) -> str:
 
 
 def settings_of(cfg: Any, seeds_hash: str) -> dict[str, Any]:
-    settings = {k: OmegaConf.to_container(cfg, resolve=True)[k] for k in GENERATION_KEYS}
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    settings = {k: resolved[k] for k in GENERATION_KEYS}
     return {**settings, "seed_pool_sha256": seeds_hash, "prompt_version": PROMPT_VERSION}
 
 
@@ -271,7 +272,6 @@ class Generator:
     def __post_init__(self) -> None:
         self.rng = random.Random(self.cfg.generation_seed + len(self.accepted))
         self.index = RougeIndex([t["instruction"] for t in self.seeds + self.accepted])
-        self.pool_texts = [t["instruction"] for t in self.seeds + self.accepted]
         self.keys = {task_key(t) for t in self.seeds + self.accepted}
         self.blacklist = blacklist_pattern(list(self.cfg.blacklist))
         self.tasks_file = open(self.folder / TASKS_FILE, "a", encoding="utf-8")
@@ -304,7 +304,7 @@ class Generator:
         if reason is None:
             score, idx = self.index.most_similar(task["instruction"], self.cfg.similarity_threshold)
             if idx is not None and score >= self.cfg.similarity_threshold:
-                reason, similar = "similar", self.pool_texts[idx]
+                reason, similar = "similar", (self.seeds + self.accepted)[idx]["instruction"]
         if reason is not None:
             self.stats.rejected[reason] += 1
             row = {"reason": reason, **task, "most_similar": similar, "rouge_l": score}
@@ -317,7 +317,6 @@ class Generator:
         os.fsync(self.tasks_file.fileno())
         self.accepted.append(record)
         self.index.add(task["instruction"])
-        self.pool_texts.append(task["instruction"])
         self.keys.add(task_key(task))
         self.stats.accepted += 1
         return True

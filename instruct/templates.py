@@ -116,7 +116,8 @@ def render_many(
 
     The special tokens are looked up once (the lookup encodes a probe string), and the
     template is read from a plain copy (attribute access on an OmegaConf node costs
-    microseconds, and a render reads a dozen of them): about 4x faster on 20,000 examples.
+    microseconds, and a render reads a dozen of them): 1.89 s -> 0.15 s for 20,000
+    ChatML examples with the SmolLM2 tokenizer.
     """
     special = special_strings(tokenizer)
     plain = SimpleNamespace(**_as_dict(template))
