@@ -134,6 +134,8 @@ class LoraConfig:
     rank: int = 8
     alpha: float | None = None  # None: 2 x rank, so a rank sweep keeps the same scale
     dropout: float = 0.05
+    # Dropout masks drawn on every CPU thread (torch draws them on one); same distribution.
+    parallel_dropout: bool = True
     # "all-linear": every linear layer except the output head (peft's own rule).
     target_modules: Any = "all-linear"
 
@@ -149,6 +151,8 @@ class OptimizerConfig:
     warmup_steps: int = 0
     warmup_ratio: float = 0.0  # used when warmup_steps is 0
     max_grad_norm: float | None = 1.0  # None: no clipping
+    # One fused kernel for the whole update; None: fused where torch has it for the device.
+    fused: bool | None = None
 
 
 @dataclass
@@ -161,6 +165,14 @@ class TrainerConfig:
     eval_every: int = 20  # optimizer steps
     eval_batch_size: int | None = None  # None: batch_size
     precision: str = "fp32"  # fp32 | bf16 | fp16, applied through Accelerate
+    # Each micro-batch's examples end to end in one row, attention kept within each example:
+    # no padding, and the same loss as a padded batch (checked on the model at start-up).
+    packing: bool = True
+    # The output layer and cross-entropy in chunks of rows, gradients formed on the spot: the
+    # full rows x vocabulary logits never exist. Same loss and gradients.
+    fused_loss: bool = True
+    # Keep tokenised splits in $INSTRUCT_CACHE/tokenized, keyed by text, tokenizer and length.
+    tokenized_cache: bool = True
     save_best: bool = True
     log_every: int = 1
     # At each evaluation, greedy replies to this many validation prompts go to a W&B table.

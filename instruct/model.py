@@ -262,7 +262,154 @@ def apply_lora(model: Any, cfg: Any, new_token_ids: list[int]) -> Any:
         target_modules=target,
         trainable_token_indices=list(new_token_ids) or None,
     )
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    if cfg.dropout > 0 and cfg.parallel_dropout:
+        for module in model.modules():
+            for name, child in list(getattr(module, "lora_dropout", {}).items()):
+                if type(child) is torch.nn.Dropout:
+                    module.lora_dropout[name] = ParallelDropout(child.p)
+    return model
+
+
+class ParallelDropout(torch.nn.Module):
+    """Dropout whose mask on the CPU is drawn by several threads at once.
+
+    torch draws a CPU dropout mask on one core however many it has, and LoRA draws one for
+    the input of every adapted layer: a seventh of a SmolLM2 LoRA step on 2 cores. Here each
+    thread fills its share of uniform numbers from its own generator, seeded from torch's
+    global one (so a seed still fixes every mask). Each element is kept with probability
+    ``1 - p`` and scaled by ``1 / (1 - p)``, as ``nn.Dropout`` does; on other devices it is
+    ``nn.functional.dropout``.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if x.device.type != "cpu":
+            return torch.nn.functional.dropout(x, self.p, True)
+        keep = uniform_parallel(x.shape) >= self.p
+        return x * keep.to(x.dtype).mul_(1 / (1 - self.p))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+_RNG_POOL: tuple[Any, list[torch.Generator]] | None = None
+
+
+def uniform_parallel(shape: torch.Size, min_share: int = 1 << 16) -> torch.Tensor:
+    """Uniform [0, 1) float32 numbers, filled in shares by up to torch's thread count."""
+    global _RNG_POOL
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = torch.get_num_threads()
+    if _RNG_POOL is None or len(_RNG_POOL[1]) != threads:
+        _RNG_POOL = ThreadPoolExecutor(threads), [torch.Generator() for _ in range(threads)]
+    pool, generators = _RNG_POOL
+    out = torch.empty(shape, dtype=torch.float32)
+    shares = out.view(-1).chunk(max(1, min(threads, out.numel() // min_share)))
+    seed = int(torch.randint(0, 1 << 62, (1,)))
+
+    def fill(i: int) -> None:
+        generators[i].manual_seed(seed + i)
+        shares[i].uniform_(0, 1, generator=generators[i])
+
+    list(pool.map(fill, range(len(shares))))
+    return out
+
+
+PACKED_ATTENTION = "instruct_packed"
+
+
+def packed_attention(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """SDPA that runs causal attention once per example of a packed row.
+
+    With ``cu_seq_lens_q`` (see :func:`instruct.tokenize.pack`) each example attends only to
+    itself, at the cost of its own length squared: no mask over the whole row is read. Any
+    other call (padded batches, generation with a KV cache) is plain SDPA with the given mask.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    bounds = kwargs.pop("cu_seq_lens_q", None)
+    if bounds is None or query.shape[0] != 1 or key.shape[2] != query.shape[2]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    for name in ("cu_seq_lens_k", "max_length_q", "max_length_k", "is_causal"):
+        kwargs.pop(name, None)
+    dtype = value.dtype  # under autocast, rotary embeddings may have made q and k fp32
+    if query.device.type == "cpu":
+        # torch's CPU kernels run short bf16 sequences about 1.7x slower than fp32 ones
+        # (fwd + bwd at 80-160 tokens), and fp32 is the more exact of the two.
+        query, key, value = query.float(), key.float(), value.float()
+    edges = bounds.tolist()
+    with torch.autocast(query.device.type, enabled=query.device.type != "cpu"):
+        outputs = [
+            sdpa_attention_forward(
+                module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None,
+                is_causal=True, **kwargs,
+            )[0]
+            for a, b in zip(edges[:-1], edges[1:], strict=False)
+            if b > a
+        ]  # fmt: skip
+    return torch.cat(outputs, dim=1).to(dtype), None
+
+
+def register_packed_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+    AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
+
+
+def use_packed_attention(model: Any) -> str:
+    """Make ``model`` attend per example in packed rows; return the implementation in use.
+
+    SDPA models switch to :func:`packed_attention`. Flash-attention models keep their own
+    varlen kernels, which read the same ``cu_seq_lens_*``. Anything else keeps its
+    implementation, and transformers derives a block mask from the restarting position ids;
+    :func:`instruct.train.check_packing` tests the result either way.
+    """
+    config = model.config
+    current = getattr(config, "_attn_implementation", None)
+    if current == "sdpa":
+        register_packed_attention()
+        model.set_attn_implementation(PACKED_ATTENTION)
+        return PACKED_ATTENTION
+    return current
+
+
+def cast_frozen(model: Any, dtype: torch.dtype) -> int:
+    """Store frozen linear weights in ``dtype``; return how many parameters changed.
+
+    Under bf16 autocast every matmul reads its weight in bf16 anyway, so keeping the frozen
+    base there gives the same results in half the memory. Trainable weights stay fp32 (the
+    master copy the optimizer updates), and so do embeddings and norms, which keep the
+    residual stream in fp32.
+    """
+    modules = list(model.modules())
+    # A head tied to the input embeddings shares their weight: it stays fp32 with them.
+    embeddings = {id(m.weight) for m in modules if isinstance(m, torch.nn.Embedding)}
+    changed = 0
+    for module in modules:
+        weight = getattr(module, "weight", None)
+        if isinstance(module, torch.nn.Linear) and id(weight) not in embeddings:
+            if weight.requires_grad or any(p.requires_grad for p in module.parameters()):
+                continue
+            if weight.dtype != dtype and weight.is_floating_point():
+                module.to(dtype)
+                changed += weight.numel()
+    return changed
 
 
 def count_parameters(model: Any) -> tuple[int, int]:

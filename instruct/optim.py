@@ -18,8 +18,26 @@ def build_optimizer(model: Any, cfg: Any) -> torch.optim.Optimizer:
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
+    fused = cfg.fused if cfg.fused is not None else fused_supported(params)
     return torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps
+        [g for g in groups if g["params"]],
+        lr=cfg.lr,
+        betas=tuple(cfg.betas),
+        eps=cfg.eps,
+        fused=fused or None,  # None, not False: torch then picks its foreach kernel
+    )
+
+
+def fused_supported(params: list[torch.Tensor]) -> bool:
+    """Whether torch's fused AdamW takes these parameters: floating point, on CPU or CUDA."""
+    try:  # private, but where torch itself looks before accepting fused=True
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+        devices = set(_get_fused_kernels_supported_devices())
+    except ImportError:
+        devices = {"cuda"}
+    return bool(params) and all(
+        p.device.type in devices and torch.is_floating_point(p) for p in params
     )
 
 

@@ -120,16 +120,18 @@ def render_many(
     ChatML examples with the SmolLM2 tokenizer.
     """
     special = special_strings(tokenizer)
-    plain = SimpleNamespace(**_as_dict(template))
+    plain = plain_template(template)
     return [render(c, plain, tokenizer, add_generation_prompt, special) for c in conversations]
 
 
-def _as_dict(template: Any) -> dict[str, Any]:
+def plain_template(template: Any) -> SimpleNamespace:
+    """A plain-object copy of a template config: attribute reads without OmegaConf's cost,
+    for loops over many examples."""
     from omegaconf import DictConfig, OmegaConf
 
     if isinstance(template, DictConfig):
-        return OmegaConf.to_container(template, resolve=True)  # type: ignore[return-value]
-    return dict(vars(template))
+        return SimpleNamespace(**OmegaConf.to_container(template, resolve=True))
+    return SimpleNamespace(**vars(template))
 
 
 def _render_format(

@@ -3,6 +3,10 @@
 Everything runs on an Accelerate ``Accelerator``, which owns device placement and mixed
 precision. The loss of an optimizer step is the mean over all supervised tokens of its
 (accumulated) batch: each micro-batch contributes ``sum of token losses / tokens in the step``.
+
+Speed comes from doing only the work that changes the result: a micro-batch is one packed row
+(no padding; attention per example), and the output layer runs only at supervised positions.
+Each of these is switchable and leaves the loss unchanged to float precision.
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
@@ -28,10 +31,19 @@ from instruct.checkpoint import save_checkpoint
 from instruct.config import check, to_container
 from instruct.data import Example, load_splits, prompt_and_reference, provenance
 from instruct.generate import generate
-from instruct.model import apply_lora, build_model, count_parameters, fit_tokenizer
+from instruct.loss import hidden_or_logits, loss_sum
+from instruct.model import (
+    apply_lora,
+    build_model,
+    cache_root,
+    cast_frozen,
+    count_parameters,
+    fit_tokenizer,
+    use_packed_attention,
+)
 from instruct.optim import build_optimizer, build_scheduler
-from instruct.templates import render_many, to_messages
-from instruct.tokenize import IGNORE_INDEX, Feature, PrepareStats, collate, prepare
+from instruct.templates import plain_template, render_many, to_messages
+from instruct.tokenize import Feature, PrepareStats, batch, collate, prepare_cached
 from instruct.tracking import Tracker, start_tracking
 
 log = logging.getLogger(__name__)
@@ -39,51 +51,20 @@ log = logging.getLogger(__name__)
 PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
-def decoder_and_head(model: Any) -> tuple[Any, Any] | None:
-    """The decoder stack and output layer of a causal LM, when calling them apart is exact.
-
-    Not for models whose forward changes the logits after the output layer (Gemma's
-    soft-capping, Cohere's logit scale), nor for a wrapper such as DDP whose own forward must
-    run for gradients to synchronise; those take the full forward.
-    """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = getattr(base, "config", None)
-    if config is None or getattr(config, "final_logit_softcapping", None):
-        return None
-    if getattr(config, "logit_scale", None) not in (None, 1, 1.0):
-        return None
-    get_decoder = getattr(base, "get_decoder", None)
-    decoder = get_decoder() if get_decoder else None
-    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    if decoder is None or head is None or decoder is base:
-        return None
-    return decoder, head
-
-
-def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over supervised positions, and how many there were.
-
-    The output layer runs only where a label is supervised: with a 49k vocabulary the full
-    logits of a batch take gigabytes, and prompt positions would be computed to be dropped.
-    """
-    labels = batch["labels"][:, 1:]
-    mask = labels != IGNORE_INDEX
-    parts = decoder_and_head(model)
-    if parts is None:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        picked = logits.logits[:, :-1][mask]
-    else:
-        decoder, head = parts
-        hidden = decoder(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-        ).last_hidden_state
-        picked = head(hidden[:, :-1][mask])
-    return F.cross_entropy(picked.float(), labels[mask], reduction="sum"), int(mask.sum())
+def to_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 @torch.no_grad()
 def evaluate(
-    model: Any, features: Sequence[Feature], batch_size: int, pad_id: int, device: Any
+    model: Any,
+    features: Sequence[Feature],
+    batch_size: int,
+    pad_id: int,
+    device: Any,
+    packed: bool = False,
+    autocast: Any = nullcontext,
+    fused: bool = True,
 ) -> float:
     """Mean loss over every supervised token of ``features`` (token-weighted, not per batch)."""
     was_training = model.training
@@ -91,11 +72,40 @@ def evaluate(
     total, count = 0.0, 0
     ordered = sorted(features, key=lambda f: len(f.input_ids))  # less padding, same sum
     for i in range(0, len(ordered), batch_size):
-        batch = {k: v.to(device) for k, v in collate(ordered[i : i + batch_size], pad_id).items()}
-        loss, n = loss_sum(model, batch)
+        inputs = to_device(batch(ordered[i : i + batch_size], pad_id, packed), device)
+        with autocast():
+            loss, n = loss_sum(model, inputs, fused)
         total, count = total + loss.item(), count + n
     model.train(was_training)
     return total / max(count, 1)
+
+
+@torch.no_grad()
+def packing_error(
+    model: Any, features: Sequence[Feature], pad_id: int, device: Any, length: int = 24
+) -> float:
+    """Largest difference between a packed row and the same examples padded, in fp32,
+    relative to the largest output (or 1).
+
+    A model whose attention ignored the example boundaries would let the second example see
+    the first; that shows here as a large difference, so packing is never trusted blindly.
+    """
+    short = [Feature(f.input_ids[:length], f.labels[:length]) for f in features[:3]]
+    was_training = model.training
+    model.eval()
+    try:
+        padded, _ = hidden_or_logits(model, to_device(collate(short, pad_id), device))
+        packed, _ = hidden_or_logits(model, to_device(batch(short, pad_id, True), device))
+    finally:
+        model.train(was_training)
+    start, worst, scale = 0, 0.0, 1.0
+    for row, f in enumerate(short):
+        n = len(f.input_ids)
+        expected = padded[row, :n].float()
+        diff = (expected - packed[0, start : start + n].float()).abs().max()
+        worst, start = max(worst, float(diff)), start + n
+        scale = max(scale, float(expected.abs().max()))
+    return worst / scale
 
 
 def step_batches(
@@ -112,9 +122,11 @@ def step_batches(
 
 
 def tokenize_split(examples, cfg: DictConfig, tokenizer) -> tuple[list[Feature], PrepareStats]:
-    conversations = [to_messages(e, cfg.template) for e in examples]
-    return prepare(render_many(conversations, cfg.template, tokenizer), tokenizer,
-                   cfg.trainer.max_length)  # fmt: skip
+    template = plain_template(cfg.template)
+    conversations = [to_messages(e, template) for e in examples]
+    rendered = render_many(conversations, template, tokenizer)
+    cache = cache_root() / "tokenized" if cfg.trainer.tokenized_cache else None
+    return prepare_cached(rendered, tokenizer, cfg.trainer.max_length, cache)
 
 
 def describe(name: str, stats: PrepareStats) -> str:
@@ -160,9 +172,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
+def new_accelerator(mixed_precision: str) -> Any:
+    """An Accelerator for this run, even when an earlier run in the process chose another
+    precision (Hydra multirun jobs and Optuna trials share one process). Accelerate keeps its
+    state process-wide and refuses a change; the distributed part (PartialState) is kept."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", mixed_precision) != mixed_precision:
+        AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=mixed_precision)
+
+
 def setup(cfg: DictConfig) -> Run:
     """Build everything a run needs, in data-flow order; nothing trains yet."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     if not cfg.run_dir:
@@ -171,10 +195,11 @@ def setup(cfg: DictConfig) -> Run:
     t = cfg.trainer
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
-    accelerator = Accelerator(mixed_precision=PRECISIONS[t.precision])
+    accelerator = new_accelerator(PRECISIONS[t.precision])
 
     model, tokenizer = build_model(cfg.model)
     new_token_ids = fit_tokenizer(model, tokenizer, cfg.template)
+    attention = use_packed_attention(model) if t.packing else None
     train_examples, val_examples = load_splits(cfg.data, cfg.seed)
     log.info(
         "data: %d train / %d validation examples (seed %d)",
@@ -203,6 +228,12 @@ def setup(cfg: DictConfig) -> Run:
     optimizer = build_optimizer(model, cfg.optimizer)
     scheduler = build_scheduler(optimizer, cfg.optimizer, steps)
     model, optimizer = accelerator.prepare(model, optimizer)
+    packed = t.packing and trust_packing(
+        accelerator.unwrap_model(model), train_set, tokenizer.pad_token_id, accelerator.device,
+        attention,
+    )  # fmt: skip
+    if t.precision == "bf16":  # after the fp32 packing check; autocast reads them in bf16 anyway
+        cast_frozen(accelerator.unwrap_model(model), torch.bfloat16)
     tracker = start_tracking(cfg.logger, Path(cfg.run_dir), to_container(cfg))
     info = {
         "data": {
@@ -216,7 +247,22 @@ def setup(cfg: DictConfig) -> Run:
     tracker.summary(info)
     samples = [prompt_and_reference(e) for e in val_examples[: t.samples]]
     return Run(cfg, accelerator, model, tokenizer, optimizer, scheduler, tracker,
-               train_set, val_set, steps, info, samples)  # fmt: skip
+               train_set, val_set, steps, info, samples, packed)  # fmt: skip
+
+
+def trust_packing(model: Any, features: list[Feature], pad_id: int, device: Any, attention) -> bool:
+    """Whether packed rows give this model the same outputs as padded batches."""
+    error = packing_error(model, features, pad_id, device)
+    if error <= 1e-3:
+        log.info("packing on (attention: %s; packed vs padded differ by %.1e)", attention, error)
+        return True
+    log.warning(
+        "trainer.packing: packed rows differ from padded batches by %.3g on this model "
+        "(attention %s), so examples would see each other; training with padding instead",
+        error,
+        attention,
+    )
+    return False
 
 
 @dataclass
@@ -235,6 +281,8 @@ class Run:
     steps: int
     info: dict[str, Any]
     samples: list[tuple[Example, str]]  # validation prompts shown with replies at each eval
+    packed: bool = False  # micro-batches as packed rows (see instruct.tokenize.pack)
+    eval_seconds: float = 0.0  # validation, samples and checkpoints: not training time
     history: dict[str, list[list[float]]] = field(default_factory=lambda: {"train": [], "val": []})
     best_val_loss: float = math.inf
     best_step: int = -1
@@ -250,12 +298,16 @@ class Run:
     def validate(self, step: int) -> float:
         """Val loss now; a new best replaces ``checkpoints/best``. NaN never becomes best."""
         t = self.cfg.trainer
+        start = time.perf_counter()
         val_loss = evaluate(
             self.model,
             self.val_set,
             t.eval_batch_size or t.batch_size,
             self.tokenizer.pad_token_id,
             self.accelerator.device,
+            self.packed,
+            self.accelerator.autocast,
+            t.fused_loss,
         )
         self.history["val"].append([step, val_loss])
         self.tracker.log(
@@ -269,6 +321,7 @@ class Run:
                 model = self.accelerator.unwrap_model(self.model)
                 state = {"step": step, "val_loss": val_loss}
                 save_checkpoint(self.best_dir, model, self.tokenizer, self.cfg, state)
+        self.eval_seconds += time.perf_counter() - start
         return val_loss
 
     def log_samples(self, step: int) -> None:
@@ -281,7 +334,8 @@ class Run:
         )
         prompts = [to_messages(example, template) for example, _ in self.samples]
         model = self.accelerator.unwrap_model(self.model)
-        replies = generate(model, self.tokenizer, template, prompts, greedy)
+        with self.accelerator.autocast():
+            replies = generate(model, self.tokenizer, template, prompts, greedy)
         rows = [
             [step, prompt[-1]["content"], reference, reply]
             for prompt, (_, reference), reply in zip(prompts, self.samples, replies, strict=True)
@@ -298,10 +352,11 @@ class Run:
         pad_id, device = self.tokenizer.pad_token_id, self.accelerator.device
         total = 0.0
         for k, mb in enumerate(micro_batches):
-            batch = {key: v.to(device) for key, v in collate(mb, pad_id).items()}
+            inputs = to_device(batch(mb, pad_id, self.packed), device)
             last = k == len(micro_batches) - 1
             with nullcontext() if last else self.accelerator.no_sync(self.model):
-                loss, _ = loss_sum(self.model, batch)
+                with self.accelerator.autocast():
+                    loss, _ = loss_sum(self.model, inputs, self.cfg.trainer.fused_loss)
                 self.accelerator.backward(loss / n_sup)
             total += loss.item()
         max_norm = self.cfg.optimizer.max_grad_norm or math.inf
@@ -314,6 +369,7 @@ class Run:
     def loop(self) -> dict[str, Any]:
         t = self.cfg.trainer
         initial_val = self.validate(0)
+        initial_eval_seconds = self.eval_seconds
         supervised_total = 0
         schedule = step_batches(len(self.train_set), t.batch_size, t.grad_accum, self.cfg.seed)
         self.model.train()
@@ -353,7 +409,8 @@ class Run:
                 loss=f"{sum(recent) / len(recent):.3f}", val=f"{self.history['val'][-1][1]:.3f}"
             )
         bar.close()
-        train_seconds = time.perf_counter() - start
+        eval_seconds = self.eval_seconds - initial_eval_seconds
+        train_seconds = time.perf_counter() - start - eval_seconds
         summary = {"best_val_loss": self.best_val_loss, "best_step": self.best_step}
         self.tracker.summary(summary)
         return {
@@ -365,7 +422,9 @@ class Run:
             "val_loss_history": self.history["val"],
             "supervised_tokens": supervised_total,
             "steps": self.steps,
-            "train_seconds": train_seconds,
+            "train_seconds": train_seconds,  # optimizer steps only
+            "eval_seconds": self.eval_seconds,  # validations, samples and best checkpoints
+            "packing": self.packed,
             "checkpoint": str(self.best_dir) if t.save_best else None,
             **self.info,
         }

@@ -46,11 +46,11 @@ def test_saved_chat_template_reproduces_the_training_prompt_token_for_token(name
                 messages[:i], add_generation_prompt=True, tokenize=True, return_dict=False
             )
             # The prompt is exactly the training tokens before this reply, none of them trained.
-            assert feature.input_ids[: len(prompt)] == prompt, (name, i)
+            assert feature.input_ids[: len(prompt)].tolist() == prompt, (name, i)
             assert feature.labels[len(prompt) - 1] == IGNORE_INDEX
             assert feature.labels[len(prompt)] != IGNORE_INDEX
         full = saved.apply_chat_template(messages, tokenize=True, return_dict=False)
-        assert full == feature.input_ids[: len(full)]
+        assert full == feature.input_ids[: len(full)].tolist()
 
 
 def test_stop_tokens_are_the_trained_end_of_turn(tokenizer, templates):

@@ -7,6 +7,7 @@ from peft import PeftModel
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from instruct.config import compose
+from instruct.loss import loss_sum
 from instruct.model import (
     apply_lora,
     build_model,
@@ -16,7 +17,6 @@ from instruct.model import (
 )
 from instruct.templates import render, to_messages
 from instruct.tokenize import collate, prepare
-from instruct.train import loss_sum
 
 
 def small_llama(vocab: int) -> LlamaForCausalLM:

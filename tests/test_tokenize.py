@@ -79,7 +79,7 @@ def test_prompt_tokens_are_a_prefix_of_the_training_tokens(templates, tokenizer)
         full = tokenized(messages, t, tokenizer)
         prompt = render(messages[:-1], t, tokenizer, add_generation_prompt=True)
         prompt_ids = tokenizer(prompt.text, add_special_tokens=False).input_ids
-        assert full.input_ids[: len(prompt_ids)] == prompt_ids, name
+        assert full.input_ids[: len(prompt_ids)].tolist() == prompt_ids, name
         assert all(label == IGNORE_INDEX for label in full.labels[: len(prompt_ids)]), name
 
 
@@ -124,3 +124,33 @@ def test_collate_pads_to_the_longest_in_the_batch_and_keeps_eos_labels(tokenizer
 def test_rendered_spans_outside_the_text_train_nothing(tokenizer):
     ((feature, _),) = encode([Rendered("hello world", ())], tokenizer)
     assert feature.supervised == 0
+
+
+def test_character_lookup_labels_equal_offset_labels_on_random_spans(tokenizer, templates):
+    """The fast path (a token lookup per span end) gives the labels and straddle counts of the
+    offset rule, for spans anywhere: mid-word, mid multi-byte character, empty, at the end."""
+    import random
+
+    from instruct.tokenize import encode_flat
+
+    rng = random.Random(0)
+    texts = [
+        render(to_messages({"instruction": "Answer.", "output": reply}, t), t, tokenizer).text
+        for t in templates.values()
+        for reply in REPLIES.values()
+    ]
+    rendered = []
+    for text in texts * 4:
+        cuts = sorted(rng.sample(range(len(text) + 1), 6))
+        spans = tuple((cuts[i], cuts[i + 1]) for i in range(0, 6, 2))
+        rendered.append(Rendered(text, spans))
+    ids, labels, lengths, straddles = encode_flat(rendered, tokenizer)
+    start = 0
+    for r, n, k in zip(rendered, lengths, straddles, strict=True):
+        enc = tokenizer(r.text, add_special_tokens=False, return_offsets_mapping=True)
+        expected, expected_k = labels_from_spans(enc["input_ids"], enc["offset_mapping"], r.spans)
+        assert ids[start : start + n].tolist() == enc["input_ids"]
+        assert labels[start : start + n].tolist() == expected, r
+        assert k == expected_k
+        start += n
+    assert sum(straddles) > 0  # mid-word cuts do occur, so the straddle rule was exercised

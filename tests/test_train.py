@@ -146,9 +146,9 @@ def test_output_layer_only_at_supervised_positions_gives_the_full_forward_loss(l
     import torch
     import torch.nn.functional as F
 
+    from instruct.loss import decoder_and_head, loss_sum
     from instruct.model import apply_lora, build_model, fit_tokenizer
     from instruct.tokenize import IGNORE_INDEX, collate
-    from instruct.train import decoder_and_head, loss_sum
 
     cfg = compose(["model=tiny", "template=chatml", lora])
     model, tokenizer = build_model(cfg.model)

@@ -1,0 +1,975 @@
+"""Training throughput and memory: our trainer vs TRL's SFTTrainer vs a bare PyTorch loop.
+
+    python bench/bench_train.py                                   # everything, 3 repeats
+    python bench/bench_train.py --repeats 1 --workloads tiny --precisions fp32   # smoke run
+    python bench/bench_train.py --workloads smollm2 --sides ours trl --repeats 5
+    python bench/bench_train.py --workloads prep                  # dataset preparation only
+    python bench/bench_train.py --json bench-train.json           # also keep every raw figure
+
+TRL is a benchmark-only dependency: ``pip install -e ".[bench]"``.
+
+Workloads (same model init, data, batch 8, max_length 512, constant LR, no warmup, weight
+decay 0, max_grad_norm 1.0, one epoch, loss on completions only, on every side):
+
+- ``tiny``: a randomly initialised Llama-style model (hidden 128, 2 layers, SmolLM2's 49,152
+  token vocabulary, tied head), full fine-tuning at LR 1e-3 on 256 examples;
+- ``smollm2``: SmolLM2-135M-Instruct with LoRA (rank 16, alpha 32, dropout 0.05, all linear
+  layers) at LR 1e-4 on 48 examples;
+- ``prep``: dataset preparation of 20,000 examples, TRL's against ours (twice: cold, cached).
+
+Each (workload, precision, side, repeat) runs in its own child process, so the peak RSS
+(``ru_maxrss`` from ``os.wait4``) is that side's alone. Sides alternate within each repeat and
+the tables show medians over the repeats. Precisions are never compared with each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+TRL_MISSING = 'TRL is not installed; it is a benchmark-only dependency: pip install -e ".[bench]"'
+IGNORE_INDEX = -100  # the label that HF, TRL and our trainer all skip in the loss
+
+BATCH_SIZE = 8
+MAX_LENGTH = 512
+MAX_GRAD_NORM = 1.0
+LORA = {"rank": 16, "alpha": 32, "dropout": 0.05}  # target: every linear layer but the head
+# The tiny model: SmolLM2's shape in miniature, same tokenizer, same tied head.
+TINY = {
+    "hidden_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 512,
+    "init_seed": 0,
+}
+VAL_EXAMPLES = 4  # a token validation file for our trainer; nothing is trained on it
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    examples: int
+    lr: float
+    lora: bool
+
+
+WORKLOADS = {
+    "tiny": Workload("tiny", examples=256, lr=1e-3, lora=False),
+    "smollm2": Workload("smollm2", examples=48, lr=1e-4, lora=True),
+}
+SIDES = ("ours", "trl", "bare")
+PRECISIONS = ("fp32", "bf16")
+
+FLOPS_FORMULA = """\
+Model FLOPs per epoch (the same formula and token counts for every side):
+  N_body = weights of the matmuls inside the decoder layers (no embeddings, no output head)
+  V*d    = output-head matmul size;  N_lora = LoRA A+B weights;  T = real (non-pad) tokens;
+  S      = supervised tokens (labels after the shift)
+  full fine-tuning: 6*N_body*T + 6*V*d*S   (a head tied to the embeddings is trained too)
+  LoRA:             (4*N_body + 6*N_lora)*T + 4*V*d*S   (frozen weights: no weight gradient)
+  Attention-score FLOPs are ignored. Work on padding or on logits at unsupervised positions
+  is not counted, so a side that does it gets a lower MFU.
+  MFU = model FLOPs / train seconds / matmul peak of the same precision."""
+
+
+# ---------------------------------------------------------------- small helpers
+
+
+def median(values: Iterable[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return statistics.median(kept) if kept else None
+
+
+def current_rss_kib() -> int:
+    """Resident memory now (``VmRSS``), falling back to the peak so far."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "transformers", "peft", "trl", "accelerate", "datasets"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def matmul_peak_gflops(dtype_name: str, n: int = 2048, warmup: int = 3, timed: int = 7) -> float:
+    """Median speed of one large square matmul on all threads: this CPU's practical peak."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    for _ in range(warmup):
+        torch.matmul(a, b)
+    times = []
+    for _ in range(timed):
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+# ---------------------------------------------------------------- data and models
+
+
+def single_turn_records() -> list[dict[str, str]]:
+    """The shipped manual set's instruction/input/output records (multi-turn ones skipped)."""
+    from instruct.data import manual_path
+
+    keep = ("instruction", "input", "output")
+    return [
+        {k: r[k] for k in keep if r.get(k)}
+        for r in read_jsonl(manual_path())
+        if "messages" not in r
+    ]
+
+
+def make_examples(n: int, offset: int = 0) -> list[dict[str, str]]:
+    """``n`` examples cycled from the manual set; "(k) " keeps every copy distinct."""
+    base = single_turn_records()
+    out = []
+    for k in range(offset, offset + n):
+        record = dict(base[k % len(base)])
+        record["instruction"] = f"({k}) {record['instruction']}"
+        out.append(record)
+    return out
+
+
+def compose_run(*overrides: str) -> Any:
+    from instruct.config import compose
+
+    return compose(
+        ["template=chatml", f"trainer.max_length={MAX_LENGTH}", "run_dir=/tmp/x", *overrides]
+    )
+
+
+def smollm2_folder() -> Path:
+    """SmolLM2's cached safetensors folder, converted from its GGUF file on first use."""
+    from instruct.model import build_model, cache_root, locate_gguf
+
+    cfg = compose_run("model=smollm2-135m").model
+    gguf = locate_gguf(cfg)
+    folder = cache_root() / "models" / f"{gguf.stem}-{gguf.stat().st_size}"
+    if not (folder / "model.safetensors").is_file():
+        build_model(cfg)  # converts once, as our trainer would
+    return folder
+
+
+def private_cache(folder: Path, models: Path) -> None:
+    """Point our trainer's ``$INSTRUCT_CACHE`` (in every child) at ``folder``.
+
+    The converted models are linked in, so nothing is converted again, and the tokenised
+    splits our runs write go to ``folder`` and are deleted with it, not to the user's cache.
+    """
+    folder.mkdir(parents=True)
+    (folder / "models").symlink_to(models, target_is_directory=True)
+    os.environ["INSTRUCT_CACHE"] = str(folder)
+
+
+def build_tiny_folder(out: Path, tokenizer_folder: Path) -> Path:
+    """Save the tiny model once (fixed seed) with SmolLM2's tokenizer: every side loads it."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_folder)
+    shape = {k: v for k, v in TINY.items() if k != "init_seed"}
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        tie_word_embeddings=True,
+        max_position_embeddings=2048,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=None,
+        **shape,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY["init_seed"])
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def model_dims(folder: Path, rank: int) -> dict[str, int]:
+    """N_body, V*d and N_lora of the model in ``folder``, counted on the meta device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    layers = model.get_decoder().layers
+    linears = [m for m in layers.modules() if isinstance(m, torch.nn.Linear)]
+    head = model.get_output_embeddings()
+    return {
+        "n_body": sum(m.in_features * m.out_features for m in linears),
+        "n_lora": sum(rank * (m.in_features + m.out_features) for m in linears),
+        "v_d": head.in_features * head.out_features,
+        "tied_head": int(bool(getattr(config, "tie_word_embeddings", False))),
+    }
+
+
+def model_flops(dims: dict[str, int], lora: bool, tokens: int, supervised: int) -> float:
+    """Model FLOPs of one epoch, by :data:`FLOPS_FORMULA`."""
+    if lora:
+        return (4 * dims["n_body"] + 6 * dims["n_lora"]) * tokens + 4 * dims["v_d"] * supervised
+    return 6 * dims["n_body"] * tokens + 6 * dims["v_d"] * supervised
+
+
+def features_and_prompts(
+    train_path: Path, tokenizer: Any
+) -> tuple[list[dict[str, list[int]]], list[dict[str, str]], Any]:
+    """Our features (what ours and the bare loop train on) and TRL's prompt/completion rows.
+
+    Both come from one rendering by our template code, so both sides tokenise the same text.
+    """
+    from instruct.data import load_records
+    from instruct.templates import render_many, to_messages
+    from instruct.train import tokenize_split
+
+    cfg = compose_run()
+    if "tokenized_cache" in cfg.trainer:
+        cfg.trainer.tokenized_cache = False  # never leave bench entries in the user's cache
+    examples = load_records([train_path])  # exactly what our data=file loader reads
+    rendered = render_many(
+        [to_messages(e, cfg.template) for e in examples], cfg.template, tokenizer
+    )
+    rows = []
+    for r in rendered:
+        (start, end), *more = r.spans
+        if more or end != len(r.text):
+            raise ValueError(f"expected one trained span ending the text, got {r.spans}")
+        rows.append({"prompt": r.text[:start], "completion": r.text[start:end]})
+        if not rows[-1]["completion"].endswith(tokenizer.eos_token):
+            raise ValueError("the completion must end with EOS, or TRL would append another")
+    features, stats = tokenize_split(examples, cfg, tokenizer)
+    feats = [{"input_ids": f.input_ids.tolist(), "labels": f.labels.tolist()} for f in features]
+    return feats, rows, stats
+
+
+@dataclass
+class Prepared:
+    """One workload's files and the token counts every side is measured against."""
+
+    workload: Workload
+    folder: Path
+    train: Path
+    val: Path
+    trl_data: Path
+    features: Path
+    tokens: int
+    supervised: int
+    truncated: int
+    dims: dict[str, int]
+
+    @property
+    def flops(self) -> float:
+        return model_flops(self.dims, self.workload.lora, self.tokens, self.supervised)
+
+
+def prepare_workload(w: Workload, folder: Path, root: Path) -> Prepared:
+    from transformers import AutoTokenizer
+
+    out = root / w.name
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {k: out / f"{k}.jsonl" for k in ("train", "val", "trl")}
+    write_jsonl(paths["train"], make_examples(w.examples))
+    write_jsonl(paths["val"], make_examples(VAL_EXAMPLES, offset=w.examples))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    feats, rows, stats = features_and_prompts(paths["train"], tokenizer)
+    write_jsonl(paths["trl"], rows)
+    (out / "features.json").write_text(json.dumps(feats))
+    supervised = sum(sum(1 for x in f["labels"][1:] if x != IGNORE_INDEX) for f in feats)
+    return Prepared(
+        w,
+        folder,
+        paths["train"],
+        paths["val"],
+        paths["trl"],
+        out / "features.json",
+        tokens=sum(len(f["input_ids"]) for f in feats),
+        supervised=supervised,
+        truncated=stats.truncated,
+        dims=model_dims(folder, LORA["rank"]),
+    )
+
+
+# ---------------------------------------------------------------- running the children
+
+
+def spawn(cmd: Sequence[str], log_path: Path) -> tuple[int, int, float]:
+    """Run ``cmd`` to the end; return (exit code, peak RSS in KiB, wall seconds)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    start = time.perf_counter()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+    return proc.returncode, usage.ru_maxrss, time.perf_counter() - start
+
+
+def check_exit(code: int, log_path: Path, what: str) -> None:
+    if code == 0:
+        return
+    tail = log_path.read_text(errors="replace").splitlines()[-40:]
+    if code == 3 and any(TRL_MISSING in line for line in tail):
+        sys.exit(TRL_MISSING)
+    raise RuntimeError(f"{what} failed with exit code {code}; log {log_path}:\n" + "\n".join(tail))
+
+
+def run_ours(p: Prepared, precision: str, seed: int, adamw: str, run_dir: Path) -> dict:
+    w = p.workload
+    if w.lora:
+        model = [
+            "model=smollm2-135m",
+            f"lora.rank={LORA['rank']}",
+            f"lora.alpha={LORA['alpha']}",
+            f"lora.dropout={LORA['dropout']}",
+        ]
+    else:
+        model = ["model=hf", f"model.path={p.folder}", "model.dtype=float32", "lora=none"]
+    overrides = [
+        *model,
+        "template=chatml",
+        "data=file",
+        f"data.paths=[{p.train}]",
+        f"data.val_paths=[{p.val}]",
+        f"hydra.run.dir={run_dir}",
+        "logger=none",
+        "trainer.save_best=false",
+        "trainer.samples=0",
+        "trainer.eval_every=1000000",
+        "trainer.epochs=1",
+        f"trainer.batch_size={BATCH_SIZE}",
+        f"trainer.max_length={MAX_LENGTH}",
+        f"trainer.precision={precision}",
+        f"optimizer.lr={w.lr}",
+        "optimizer.scheduler=constant",
+        "optimizer.warmup_ratio=0",
+        "optimizer.warmup_steps=0",
+        "optimizer.weight_decay=0",
+        f"optimizer.max_grad_norm={MAX_GRAD_NORM}",
+        f"seed={seed}",
+    ]
+    if adamw == "foreach":  # the default (fused where torch has it) needs no override
+        overrides.append("optimizer.fused=false")
+    run_dir.mkdir(parents=True)
+    log = run_dir.parent / f"{run_dir.name}.log"
+    code, peak, wall = spawn([sys.executable, "-m", "instruct.run", *overrides], log)
+    check_exit(code, log, f"ours ({w.name} {precision})")
+    res = json.loads((run_dir / "results.json").read_text())
+    losses = [loss for _, loss in res["train_loss_history"]]
+    return {
+        "train_s": res["train_seconds"],
+        "supervised": res["supervised_tokens"],
+        "tokens": res.get("data", {}).get("train", {}).get("tokens"),
+        "mean_loss": statistics.fmean(losses),
+        "final_loss": res["final_train_loss"],
+        "steps": res.get("steps"),
+        "peak_rss_kib": peak,
+        "rss_before_kib": None,  # inside our trainer's process: not observable from outside
+        "process_s": wall,
+        "eval_s_excluded": "eval_seconds" in res,
+        "trainable": res.get("trainable_parameters"),
+        "packing": res.get("packing"),
+        "command": shlex.join(["python", "-m", "instruct.run", *overrides]),
+    }
+
+
+def run_child(kind: str, spec: dict[str, Any], work: Path) -> dict:
+    """Run ``--child kind`` on ``spec``; its result JSON plus peak RSS and process wall."""
+    spec_path, log = work / "spec.json", work / "child.log"
+    spec = {**spec, "out": str(work / "result.json")}
+    spec_path.write_text(json.dumps(spec))
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--spec", str(spec_path)]
+    code, peak, wall = spawn(cmd, log)
+    check_exit(code, log, f"{kind} child")
+    return {**json.loads(Path(spec["out"]).read_text()), "peak_rss_kib": peak, "process_s": wall}
+
+
+def side_spec(p: Prepared, precision: str, seed: int, adamw: str) -> dict[str, Any]:
+    return {
+        "folder": str(p.folder),
+        "trl_data": str(p.trl_data),
+        "features": str(p.features),
+        "precision": precision,
+        "lr": p.workload.lr,
+        "lora": p.workload.lora,
+        "seed": seed,
+        "fused": adamw == "fused",
+    }
+
+
+def run_side(side: str, p: Prepared, precision: str, seed: int, adamw: str, work: Path) -> dict:
+    work.mkdir(parents=True)
+    if side == "ours":
+        return run_ours(p, precision, seed, adamw, work / "run")
+    return run_child(side, side_spec(p, precision, seed, adamw), work)
+
+
+# ---------------------------------------------------------------- children: TRL and bare loop
+
+
+def load_model(folder: str) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), tokenizer
+
+
+def lora_config() -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=LORA["rank"],
+        lora_alpha=LORA["alpha"],
+        lora_dropout=LORA["dropout"],
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
+
+
+def token_counts(input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]]) -> dict:
+    """Real tokens and supervised tokens (labels after the loss's shift) of a data set."""
+    return {
+        "tokens": sum(len(x) for x in input_ids),
+        "supervised": sum(sum(1 for t in lab[1:] if t != IGNORE_INDEX) for lab in labels),
+    }
+
+
+def compare_with_ours(ids: list[list[int]], labels: list[list[int]], feats: list[dict]) -> dict:
+    """How TRL's processed rows differ from our features, example by example."""
+    if len(ids) != len(feats):
+        return {"examples_ours": len(feats), "examples_trl": len(ids)}
+    ids_differ = sum(a != f["input_ids"] for a, f in zip(ids, feats, strict=True))
+    labels_differ = sum(b != f["labels"] for b, f in zip(labels, feats, strict=True))
+    return {"examples_with_other_ids": ids_differ, "examples_with_other_labels": labels_differ}
+
+
+def trl_config(spec: dict[str, Any], output_dir: str) -> Any:
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir=output_dir,
+        per_device_train_batch_size=BATCH_SIZE,
+        gradient_accumulation_steps=1,
+        num_train_epochs=1,
+        max_length=MAX_LENGTH,
+        learning_rate=spec["lr"],
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=MAX_GRAD_NORM,
+        bf16=spec["precision"] == "bf16",
+        fp16=False,
+        gradient_checkpointing=False,  # TRL 1.16 defaults to True; like for like, it stays off
+        completion_only_loss=True,
+        packing=False,
+        padding_free=False,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        logging_steps=1,
+        dataloader_num_workers=0,
+        seed=spec["seed"],
+        use_cpu=True,
+        disable_tqdm=True,
+        dataset_num_proc=None,
+        optim="adamw_torch_fused" if spec["fused"] else "adamw_torch",
+    )
+
+
+def import_trl() -> None:
+    if importlib.util.find_spec("trl") is None or importlib.util.find_spec("datasets") is None:
+        print(TRL_MISSING, file=sys.stderr)
+        sys.exit(3)
+
+
+def child_trl(spec: dict[str, Any]) -> dict[str, Any]:
+    import_trl()
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    model, tokenizer = load_model(spec["folder"])
+    dataset = Dataset.from_list(read_jsonl(spec["trl_data"]))
+    with tempfile.TemporaryDirectory(prefix="bench-trl-") as tmp:
+        trainer = SFTTrainer(
+            model=model,
+            args=trl_config(spec, tmp),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=lora_config() if spec["lora"] else None,
+        )
+        ids, labels = trainer.train_dataset["input_ids"], trainer.train_dataset["labels"]
+        feats = json.loads(Path(spec["features"]).read_text())
+        rss_before = current_rss_kib()
+        start = time.perf_counter()
+        output = trainer.train()
+        wall = time.perf_counter() - start
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    return {
+        "train_s": wall,
+        "train_runtime": output.metrics.get("train_runtime"),
+        **token_counts(ids, labels),
+        "vs_ours": compare_with_ours(ids, labels, feats),
+        "mean_loss": statistics.fmean(losses),
+        "final_loss": losses[-1],
+        "steps": trainer.state.global_step,
+        "rss_before_kib": rss_before,
+        "trainable": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+    }
+
+
+def pad_batch(feats: Sequence[dict], pad_id: int) -> dict[str, Any]:
+    """Right-pad a batch to its longest row: dynamic padding, pad labels ignored."""
+    import torch
+
+    width = max(len(f["input_ids"]) for f in feats)
+    ids = torch.full((len(feats), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(feats), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(feats), width), dtype=torch.long)
+    for row, f in enumerate(feats):
+        n = len(f["input_ids"])
+        ids[row, :n], labels[row, :n] = torch.tensor(f["input_ids"]), torch.tensor(f["labels"])
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def child_bare(spec: dict[str, Any]) -> dict[str, Any]:
+    """The reference: HF forward with labels (full logits), torch AdamW, constant LR."""
+    import torch
+
+    torch.manual_seed(spec["seed"])
+    model, tokenizer = load_model(spec["folder"])
+    if spec["lora"]:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora_config())
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=spec["lr"], weight_decay=0.0, fused=spec["fused"] or None
+    )
+    feats = json.loads(Path(spec["features"]).read_text())
+    order = torch.randperm(len(feats), generator=torch.Generator().manual_seed(spec["seed"]))
+    batches = [order[i : i + BATCH_SIZE].tolist() for i in range(0, len(feats), BATCH_SIZE)]
+    bf16 = spec["precision"] == "bf16"
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
+    losses, supervised = [], 0
+    rss_before = current_rss_kib()
+    start = time.perf_counter()
+    for indices in batches:
+        inputs = pad_batch([feats[i] for i in indices], tokenizer.pad_token_id)
+        supervised += int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
+        with autocast:
+            loss = model(**inputs).loss  # HF: mean over the supervised tokens of the batch
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    wall = time.perf_counter() - start
+    return {
+        "train_s": wall,
+        "supervised": supervised,
+        "tokens": sum(len(f["input_ids"]) for f in feats),
+        "mean_loss": statistics.fmean(losses),
+        "final_loss": losses[-1],
+        "steps": len(batches),
+        "rss_before_kib": rss_before,
+        "trainable": sum(p.numel() for p in params),
+    }
+
+
+# ---------------------------------------------------------------- dataset preparation
+
+
+def child_prep_trl(spec: dict[str, Any]) -> dict[str, Any]:
+    """TRL's preparation: the construction of SFTTrainer, which tokenises the data set.
+
+    A construction on 8 examples first (on its own model copy) warms the imports up and
+    measures what construction costs besides the data.
+    """
+    import_trl()
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    rows = read_jsonl(spec["trl_data"])
+    fp32 = {**spec, "precision": "fp32", "lr": 1e-3, "seed": 0, "fused": True}
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-trl-prep-") as tmp:
+        for name, subset in (("baseline_8", rows[:8]), ("full", rows)):
+            model, tokenizer = load_model(spec["folder"])
+            start = time.perf_counter()
+            dataset = Dataset.from_list(subset)
+            out[f"{name}_from_list_s"] = time.perf_counter() - start
+            start = time.perf_counter()
+            trainer = SFTTrainer(
+                model=model,
+                args=trl_config(fp32, tmp),
+                train_dataset=dataset,
+                processing_class=tokenizer,
+            )
+            out[f"{name}_construct_s"] = time.perf_counter() - start
+    ids, labels = trainer.train_dataset["input_ids"], trainer.train_dataset["labels"]
+    return {**out, "examples": len(ids), **token_counts(ids, labels)}
+
+
+def child_prep_ours(spec: dict[str, Any]) -> dict[str, Any]:
+    """Ours: ``tokenize_split`` (render + tokenise) twice, on a fresh tokenised cache."""
+    from transformers import AutoTokenizer
+
+    from instruct.data import load_records
+    from instruct.train import tokenize_split
+
+    os.environ["INSTRUCT_CACHE"] = spec["cache"]  # cold: nothing from earlier runs
+    tokenizer = AutoTokenizer.from_pretrained(spec["folder"])
+    cfg = compose_run()
+    start = time.perf_counter()
+    examples = load_records([spec["train"]])
+    out: dict[str, Any] = {"load_records_s": time.perf_counter() - start}
+    for run in ("first", "second"):
+        start = time.perf_counter()
+        features, stats = tokenize_split(examples, cfg, tokenizer)
+        out[f"{run}_s"] = time.perf_counter() - start
+    cache = Path(spec["cache"]) / "tokenized"
+    out["cache_entries"] = len(list(cache.glob("*"))) if cache.is_dir() else 0
+    ids = [f.input_ids for f in features]
+    return {**out, "examples": len(ids), **token_counts(ids, [f.labels for f in features])}
+
+
+def run_prep(folder: Path, root: Path, n: int) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    out = root / "prep"
+    out.mkdir(parents=True)
+    train, trl_data = out / "train.jsonl", out / "trl.jsonl"
+    write_jsonl(train, make_examples(n))
+    _, rows, _ = features_and_prompts(train, AutoTokenizer.from_pretrained(folder))
+    write_jsonl(trl_data, rows)
+    spec = {
+        "folder": str(folder),
+        "train": str(train),
+        "trl_data": str(trl_data),
+        "cache": str(out / "cache"),
+    }
+    result = {}
+    for side in ("ours", "trl"):
+        work = out / side
+        work.mkdir()
+        result[side] = run_child(f"prep-{side}", spec, work)
+    return result
+
+
+def print_prep(n: int, r: dict[str, Any]) -> None:
+    ours, trl = r["ours"], r["trl"]
+    trl_prep = trl["full_construct_s"] - trl["baseline_8_construct_s"]
+    print(f"\n== dataset preparation: {n:,} examples, ChatML, max_length {MAX_LENGTH} ==")
+    print(
+        f"TRL  SFTTrainer(...) construction, {n:,} examples: {trl['full_construct_s']:8.2f} s"
+        f"  (8 examples: {trl['baseline_8_construct_s']:.2f} s; difference {trl_prep:.2f} s;"
+        f" Dataset.from_list {trl['full_from_list_s']:.2f} s, not included)"
+    )
+    print(f"ours tokenize_split, first run (render + tokenise): {ours['first_s']:8.2f} s")
+    print(
+        f"ours tokenize_split, second run:                    {ours['second_s']:8.2f} s"
+        f"  (tokenised cache entries after the runs: {ours['cache_entries']})"
+    )
+    if not ours["cache_entries"]:
+        print("     (no tokenised cache: the second run repeats the work)")
+    print(
+        f"     ours also renders the text; TRL gets it pre-rendered. load_records "
+        f"{ours['load_records_s']:.2f} s, not included"
+    )
+    for side in ("ours", "trl"):
+        x = r[side]
+        print(
+            f"{side:4} {x['examples']:,} examples, {x['tokens']:,} tokens, "
+            f"{x['supervised']:,} supervised; child peak RSS {x['peak_rss_kib'] / 2**20:.2f} GiB"
+        )
+    print(
+        f"speed-up ours (first run) vs TRL construction: {trl_prep / ours['first_s']:.1f}x;"
+        f" cached: {trl_prep / ours['second_s']:.1f}x"
+    )
+    report_mismatch("prep", trl["supervised"], ours["supervised"], "TRL", "ours")
+
+
+# ---------------------------------------------------------------- reporting
+
+
+def report_mismatch(where: str, value: int | None, expected: int, name: str, ref: str) -> None:
+    if value is None:
+        return
+    if value == expected:
+        print(f"[{where}] supervised tokens: {name} {value:,} = {ref} {expected:,}")
+    else:
+        print(
+            f"[{where}] SUPERVISED TOKENS DIFFER: {name} {value:,} vs {ref} {expected:,} "
+            f"({value - expected:+,})"
+        )
+
+
+def explain_trl(where: str, runs: list[dict], p: Prepared) -> None:
+    if not runs:
+        return
+    r = runs[0]
+    report_mismatch(where, r["supervised"], p.supervised, "TRL", "our features")
+    report_mismatch(where, r["tokens"], p.tokens, "TRL real tokens", "ours")
+    diff = r.get("vs_ours", {})
+    if any(diff.values()):
+        print(
+            f"[{where}] TRL's processed rows vs our features: {diff}. TRL tokenises prompt and "
+            "prompt+completion apart and supervises from where they diverge; ours tokenises "
+            "the whole text once and supervises tokens that start inside the reply."
+        )
+
+
+def summarise(runs: list[dict], flops: float, peak_gflops: float) -> dict[str, float | None]:
+    train_s = median(r["train_s"] for r in runs)
+    sup = median(r["supervised"] for r in runs)
+    before = median(r.get("rss_before_kib") for r in runs)
+    return {
+        "train_s": train_s,
+        "sup_per_s": sup / train_s,
+        "peak_gib": median(r["peak_rss_kib"] for r in runs) / 2**20,
+        "before_gib": before / 2**20 if before is not None else None,
+        "mean_loss": median(r["mean_loss"] for r in runs),
+        "mfu": flops / train_s / (peak_gflops * 1e9),
+        "process_s": median(r["process_s"] for r in runs),
+    }
+
+
+def fmt(value: float | None, spec: str, width: int = 0) -> str:
+    return "-".rjust(width) if value is None else format(value, f"{width}{spec}")
+
+
+def print_group(key: str, p: Prepared, sides: dict[str, list[dict]], peak: float) -> None:
+    w = p.workload
+    kind = "LoRA r16" if w.lora else "full fine-tuning"
+    n = len(next(iter(sides.values())))
+    print(
+        f"\n== {key}: {kind}, {w.examples} examples, LR {w.lr:g}, {p.tokens:,} real tokens, "
+        f"{p.supervised:,} supervised, model {p.flops / 1e12:.3f} TFLOP/epoch, "
+        f"peak {peak:.0f} GFLOP/s; medians of {n} =="
+    )
+    print(
+        f"{'side':6} {'train s':>8} {'sup tok/s':>10} {'peak GiB':>9} {'pre GiB':>9} "
+        f"{'mean loss':>9} {'MFU':>6} {'process s':>9}"
+    )
+    rows = {side: summarise(runs, p.flops, peak) for side, runs in sides.items()}
+    for side, s in rows.items():
+        print(
+            f"{side:6} {s['train_s']:8.2f} {s['sup_per_s']:10.1f} {s['peak_gib']:9.2f} "
+            f"{fmt(s['before_gib'], '.2f', 9)} {s['mean_loss']:9.4f} {s['mfu']:6.1%} "
+            f"{s['process_s']:9.1f}"
+        )
+    print(
+        "(train s: ours = results.json train_seconds, TRL = wall around train(), bare = its loop; "
+        "pre GiB: RSS just before training, '-' where the process is our CLI; process s: the "
+        "whole child, imports and model load included)"
+    )
+    if "ours" in rows:
+        for other in ("trl", "bare"):
+            if other in rows:
+                ratio = rows["ours"]["sup_per_s"] / rows[other]["sup_per_s"]
+                print(f"ours/{other} supervised tokens/s: {ratio:.2f}x")
+        if "trl" in rows:
+            ratio = rows["ours"]["peak_gib"] / rows["trl"]["peak_gib"]
+            print(
+                f"peak RSS ours/trl: {ratio:.2f} ({rows['ours']['peak_gib']:.2f} vs "
+                f"{rows['trl']['peak_gib']:.2f} GiB)"
+            )
+    if "ours" in sides:
+        ours = sides["ours"][0]
+        report_mismatch(key, ours["supervised"], p.supervised, "ours (results.json)", "features")
+        if not ours["eval_s_excluded"]:
+            print(
+                f"[{key}] results.json has no eval_seconds: ours' train_seconds may include "
+                "validation time"
+            )
+    if "bare" in sides:
+        report_mismatch(key, sides["bare"][0]["supervised"], p.supervised, "bare", "features")
+    explain_trl(key, sides.get("trl", []), p)
+    if "trl" in sides:
+        runtime = median(r["train_runtime"] for r in sides["trl"])
+        print(
+            f"[{key}] TRL train_runtime metric {fmt(runtime, '.2f')} s "
+            "(the table shows the wall clock around train())"
+        )
+    trainable = {side: runs[0].get("trainable") for side, runs in sides.items()}
+    print(f"[{key}] trainable parameters: {trainable}")
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--workloads", nargs="+", choices=[*WORKLOADS, "prep"], default=[*WORKLOADS, "prep"]
+    )
+    ap.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
+    ap.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--examples",
+        type=int,
+        default=None,
+        help="training examples per workload (default: 256 tiny, 48 smollm2)",
+    )
+    ap.add_argument("--prep-examples", type=int, default=20_000)
+    ap.add_argument(
+        "--adamw",
+        choices=["fused", "foreach"],
+        default="fused",
+        help="torch AdamW kernel on every side (ours defaults to fused on CPU)",
+    )
+    ap.add_argument("--json", type=Path, default=None, help="write every raw figure here")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder (logs, run dirs)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--spec", help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+CHILDREN: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "trl": child_trl,
+    "bare": child_bare,
+    "prep-trl": child_prep_trl,
+    "prep-ours": child_prep_ours,
+}
+
+
+def child_main(kind: str, spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    result = CHILDREN[kind](spec)
+    result["child_maxrss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    Path(spec["out"]).write_text(json.dumps(result))
+
+
+def header(args: argparse.Namespace, peaks: dict[str, float]) -> None:
+    import torch
+
+    print("command:", shlex.join([sys.executable, *sys.argv]))
+    print("versions:", ", ".join(f"{k} {v}" for k, v in versions().items()))
+    print(f"torch threads: {torch.get_num_threads()}; CPUs: {os.cpu_count()}")
+    print(
+        "matmul peak (2048x2048, median of 7): "
+        + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peaks.items())
+    )
+    print(
+        f"settings: batch {BATCH_SIZE}, max_length {MAX_LENGTH}, constant LR, no warmup, "
+        f"weight decay 0, max_grad_norm {MAX_GRAD_NORM}, 1 epoch, completion-only loss, "
+        f"AdamW {args.adamw}; TRL: gradient_checkpointing=False, padding_free=False, "
+        "packing=False"
+    )
+    print(FLOPS_FORMULA)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        child_main(args.child, args.spec)
+        return
+    needs_trl = "trl" in args.sides or "prep" in args.workloads
+    if needs_trl and (importlib.util.find_spec("trl") is None):
+        sys.exit(TRL_MISSING)
+    peaks = {name: matmul_peak_gflops(name) for name in PRECISIONS}
+    header(args, peaks)
+    root = Path(tempfile.mkdtemp(prefix="bench_train-"))
+    raw: dict[str, Any] = {"argv": sys.argv, "versions": versions(), "peak_gflops": peaks}
+    try:
+        smol = smollm2_folder()
+        private_cache(root / "instruct-cache", smol.parent)
+        tiny = build_tiny_folder(root / "tiny-model", smol)
+        folders = {"tiny": tiny, "smollm2": smol}
+        for name in (w for w in args.workloads if w in WORKLOADS):
+            w = WORKLOADS[name]
+            w = replace(w, examples=args.examples) if args.examples else w
+            p = prepare_workload(w, folders[name], root)
+            raw[name] = {
+                "dims": p.dims,
+                "tokens": p.tokens,
+                "supervised": p.supervised,
+                "truncated": p.truncated,
+            }
+            for precision in args.precisions:
+                key = f"{name} {precision}"
+                sides: dict[str, list[dict]] = {s: [] for s in args.sides}
+                for rep in range(args.repeats):
+                    for side in args.sides:
+                        work = root / name / precision / f"{side}-{rep}"
+                        r = run_side(side, p, precision, args.seed, args.adamw, work)
+                        sides[side].append(r)
+                        print(
+                            f"[{key} repeat {rep + 1}/{args.repeats}] {side}: train "
+                            f"{r['train_s']:.2f} s, peak RSS {r['peak_rss_kib'] / 2**20:.2f} "
+                            f"GiB, mean loss {r['mean_loss']:.4f}",
+                            flush=True,
+                        )
+                print_group(key, p, sides, peaks[precision])
+                raw[key] = sides
+        if "prep" in args.workloads:
+            raw["prep"] = run_prep(folders["tiny"], root, args.prep_examples)
+            print_prep(args.prep_examples, raw["prep"])
+        after = {name: matmul_peak_gflops(name) for name in PRECISIONS}
+        raw["peak_gflops_after"] = after
+        print(
+            "\nmatmul peak again at the end: "
+            + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in after.items())
+        )
+        if any(abs(after[k] / peaks[k] - 1) > 0.2 for k in peaks):
+            print(
+                "the peak moved by more than 20% during the run: the machine was busy, so the "
+                "timings above are noisy"
+            )
+    finally:
+        if args.json:
+            args.json.write_text(json.dumps(raw, indent=1, default=str))
+        if args.keep:
+            print(f"work folder kept: {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""The response-only loss: summed cross-entropy at supervised positions.
+
+Two levers, each exact to float precision and switchable in ``trainer``:
+
+- the output layer runs only at supervised positions (always, where the model allows it);
+- ``fused_loss``: that output layer and the cross-entropy run together in chunks of rows, and
+  the gradients are formed on the spot, so the ``rows x vocabulary`` logits, their
+  log-softmax and their gradient never exist at full size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from instruct.tokenize import IGNORE_INDEX
+
+CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MB in fp32
+
+
+def decoder_and_head(model: Any) -> tuple[Any, Any] | None:
+    """The decoder stack and output layer of a causal LM, when calling them apart is exact.
+
+    Not for models whose forward changes the logits after the output layer (Gemma's
+    soft-capping, Cohere's logit scale), nor for a wrapper such as DDP whose own forward must
+    run for gradients to synchronise; those take the full forward.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if config is None or getattr(config, "final_logit_softcapping", None):
+        return None
+    if getattr(config, "logit_scale", None) not in (None, 1, 1.0):
+        return None
+    get_decoder = getattr(base, "get_decoder", None)
+    decoder = get_decoder() if get_decoder else None
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if decoder is None or head is None or decoder is base:
+        return None
+    return decoder, head
+
+
+def hidden_or_logits(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+    """The last hidden states and the output layer to apply, or logits and ``None``.
+
+    Inputs are a padded batch (``attention_mask``) or a packed row (``position_ids`` and
+    ``cu_seq_lens_*``). No KV cache: with one, transformers stops reading packed rows from the
+    position ids and the examples of a row would attend to each other.
+    """
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    parts = decoder_and_head(model)
+    if parts is None:
+        return model(**inputs, use_cache=False).logits, None
+    decoder, head = parts
+    return decoder(**inputs, use_cache=False).last_hidden_state, head
+
+
+def loss_sum(model: Any, batch: dict[str, Any], fused: bool = True) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over supervised positions, and how many there were.
+
+    The output layer runs only where a label is supervised: with a 49k vocabulary the full
+    logits of a batch take gigabytes, and prompt positions would be computed to be dropped.
+    """
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE_INDEX
+    targets = labels[mask]
+    out, head = hidden_or_logits(model, batch)
+    if head is None:
+        picked = out[:, :-1][mask]
+    else:
+        rows = out[:, :-1][mask]
+        if fused and type(head) is torch.nn.Linear:
+            return linear_cross_entropy(rows, head.weight, head.bias, targets), len(targets)
+        picked = head(rows)
+    return F.cross_entropy(picked.float(), targets, reduction="sum"), len(targets)
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
+) -> torch.Tensor:
+    """``cross_entropy(hidden @ weight.T + bias, targets, reduction="sum")``, chunked."""
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    grads = torch.is_grad_enabled()  # False under no_grad: evaluation forms no gradients
+    return LinearCrossEntropy.apply(hidden, weight, bias, targets, dtype, grads)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Output layer + summed cross-entropy whose backward was done during the forward.
+
+    For each chunk of rows: logits (in the autocast dtype, if any), a float32 log-sum-exp,
+    the loss, and ``softmax - onehot``, from which the gradients of the hidden rows and of
+    the weight (when it trains, e.g. tied embeddings in full fine-tuning) are accumulated.
+    Backward only scales them by the incoming gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, dtype, grads):  # noqa: D102
+        compute = dtype or hidden.dtype
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(compute)
+            b = bias.to(torch.float32) if bias is not None else None
+            need = ctx.needs_input_grad if grads else (False, False, False)
+            grad_hidden = torch.empty_like(hidden) if need[0] else None
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need[1] else None
+            grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need[2] else None
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            step = max(1, CHUNK_ELEMENTS // weight.shape[0])
+            for start in range(0, hidden.shape[0], step):
+                h = hidden[start : start + step].to(compute)
+                y = targets[start : start + step]
+                logits = (h @ w.T).float()
+                if b is not None:
+                    logits += b
+                lse = torch.logsumexp(logits, dim=-1)
+                total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+                if grad_hidden is None and grad_weight is None and grad_bias is None:
+                    continue
+                # d(loss)/d(logits) = softmax - onehot, formed in place over the logits.
+                probs = logits.sub_(lse[:, None]).exp_()
+                probs[torch.arange(len(y), device=y.device), y] -= 1
+                if grad_bias is not None:
+                    grad_bias += probs.sum(0)
+                g = probs.to(compute)
+                if grad_hidden is not None:
+                    grad_hidden[start : start + step] = g @ w
+                if grad_weight is not None:
+                    grad_weight += (g.T @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):  # noqa: D102
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        weight_dtype, bias_dtype = ctx.dtypes
+        scale = grad_output.float()
+        return (
+            (grad_hidden * scale.to(grad_hidden.dtype)) if grad_hidden is not None else None,
+            (grad_weight * scale).to(weight_dtype) if grad_weight is not None else None,
+            (grad_bias * scale).to(bias_dtype) if grad_bias is not None else None,
+            None,
+            None,
+            None,
+        )

@@ -1,0 +1,281 @@
+"""Each speed lever of the trainer gives the result of the plain path (packing, output layer at
+supervised positions, tokenised cache, fused AdamW, bf16 with a frozen base in bf16)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from instruct.config import compose
+from instruct.data import load_splits
+from instruct.loss import loss_sum
+from instruct.model import (
+    PACKED_ATTENTION,
+    apply_lora,
+    build_model,
+    cast_frozen,
+    fit_tokenizer,
+    use_packed_attention,
+)
+from instruct.tokenize import IGNORE_INDEX, Feature, collate, pack, prepare_cached
+from instruct.train import packing_error, tokenize_split, train
+from tests.conftest import toy_config
+
+
+def tiny(*overrides: str, packed: bool = True):
+    cfg = compose(["model=tiny", "template=chatml", *overrides])
+    model, tokenizer = build_model(cfg.model)
+    new_ids = fit_tokenizer(model, tokenizer, cfg.template)
+    if packed:
+        assert use_packed_attention(model) == PACKED_ATTENTION
+    model = apply_lora(model, cfg.lora, new_ids)
+    train_examples, _ = load_splits(cfg.data, cfg.seed)
+    features, _ = tokenize_split(train_examples[:8], cfg, tokenizer)
+    return cfg, model, tokenizer, features
+
+
+def test_pack_lays_examples_end_to_end():
+    a = Feature([5, 6, 7], [IGNORE_INDEX, 6, 7])
+    b = Feature([8, 9], [8, 9])  # a label at position 0 is never a target
+    row = pack([a, b])
+    assert row["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
+    assert row["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    # The first token of b would be predicted from a's last token: never a target.
+    assert row["labels"].tolist() == [[IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9]]
+    assert row["cu_seq_lens_q"].tolist() == [0, 3, 5]
+    assert row["max_length_q"] == 3
+
+
+@pytest.mark.parametrize("lora", ["lora=none", "lora=default"])
+def test_packed_row_gives_the_padded_loss_and_gradients(lora):
+    _, model, tokenizer, features = tiny(lora, "lora.dropout=0")
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads(inputs):
+        model.zero_grad()
+        loss, n = loss_sum(model, inputs)
+        loss.backward()
+        return loss.detach(), n, [p.grad.clone() for p in params]
+
+    padded = loss_and_grads(collate(features, tokenizer.pad_token_id))
+    packed = loss_and_grads(pack(features))
+    assert packed[1] == padded[1] == sum(f.supervised for f in features)
+    assert torch.allclose(packed[0], padded[0], rtol=1e-5)
+    for g_packed, g_padded in zip(packed[2], padded[2], strict=True):
+        # Float noise of a different summation order, relative to the tensor's scale.
+        assert (g_packed - g_padded).abs().max() <= 1e-5 * g_padded.abs().max()
+
+
+def test_packing_check_catches_attention_across_examples(monkeypatch):
+    """Without the example boundaries the second example sees the first: the check says so."""
+    import instruct.train as train_module
+
+    _, model, tokenizer, features = tiny()
+    assert packing_error(model, features, tokenizer.pad_token_id, "cpu") < 1e-4
+
+    def leaky(features, pad_id, packed):
+        row = pack(features)
+        n = row["input_ids"].shape[1]
+        return {"input_ids": row["input_ids"], "position_ids": torch.arange(n)[None]}
+
+    monkeypatch.setattr(train_module, "batch", leaky)
+    assert packing_error(model, features, tokenizer.pad_token_id, "cpu") > 1e-2
+
+
+def test_transformers_block_mask_also_packs_an_eager_model():
+    """Models left on another attention get a block mask derived from the position ids."""
+    cfg, model, tokenizer, features = tiny(packed=False)
+    model.set_attn_implementation("eager")
+    assert use_packed_attention(model) == "eager"
+    assert packing_error(model, features, tokenizer.pad_token_id, "cpu") < 1e-4
+    loss_padded, _ = loss_sum(model.eval(), collate(features, tokenizer.pad_token_id))
+    loss_packed, _ = loss_sum(model, pack(features))
+    assert torch.allclose(loss_packed, loss_padded, rtol=1e-5)
+
+
+def test_packed_and_padded_training_give_the_same_run(toy_data, tmp_path):
+    common = ("logger=none", "trainer.max_steps=6", "trainer.save_best=false")
+    padded = train(toy_config(toy_data, tmp_path / "a", "trainer.packing=false", *common))
+    packed = train(toy_config(toy_data, tmp_path / "b", *common))
+    assert packed["packing"] and not padded["packing"]
+    for (_, x), (_, y) in zip(
+        padded["train_loss_history"], packed["train_loss_history"], strict=True
+    ):
+        assert x == pytest.approx(y, rel=1e-4)
+    assert packed["final_val_loss"] == pytest.approx(padded["final_val_loss"], rel=1e-4)
+    assert packed["supervised_tokens"] == padded["supervised_tokens"]
+
+
+def test_tokenised_cache_hits_on_the_same_work_and_misses_on_any_change(tmp_path, monkeypatch):
+    import instruct.tokenize as tok_module
+    from instruct.templates import render_many, to_messages
+
+    cfg = compose(["model=tiny", "template=chatml"])
+    _, tokenizer = build_model(cfg.model)
+    examples, _ = load_splits(cfg.data, cfg.seed)
+    rendered = render_many([to_messages(e, cfg.template) for e in examples], cfg.template,
+                           tokenizer)  # fmt: skip
+    first, stats = prepare_cached(rendered, tokenizer, 64, tmp_path)
+    assert len(list(tmp_path.glob("*.npz"))) == 1 and stats.truncated > 0
+
+    calls = []
+    real_prepare = tok_module.prepare
+    monkeypatch.setattr(tok_module, "prepare", lambda *a: calls.append(a) or real_prepare(*a))
+    again, stats_again = prepare_cached(rendered, tokenizer, 64, tmp_path)
+    assert calls == [] and again == first and stats_again == stats
+
+    prepare_cached(rendered, tokenizer, 128, tmp_path)  # another max_length
+    prepare_cached(rendered[:-1], tokenizer, 64, tmp_path)  # other data
+    tokenizer.add_tokens(["<|new|>"], special_tokens=True)  # another tokenizer
+    prepare_cached(rendered, tokenizer, 64, tmp_path)
+    assert len(calls) == 3 and len(list(tmp_path.glob("*.npz"))) == 4
+
+
+def test_a_corrupt_cache_entry_is_rebuilt(tmp_path, caplog):
+    cfg = compose(["model=tiny"])
+    _, tokenizer = build_model(cfg.model)
+    from instruct.templates import render_many, to_messages
+
+    examples, _ = load_splits(cfg.data, cfg.seed)
+    rendered = render_many([to_messages(e, cfg.template) for e in examples[:5]], cfg.template,
+                           tokenizer)  # fmt: skip
+    features, _ = prepare_cached(rendered, tokenizer, 256, tmp_path)
+    (entry,) = tmp_path.glob("*.npz")
+    entry.write_bytes(entry.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING):
+        again, _ = prepare_cached(rendered, tokenizer, 256, tmp_path)
+    assert again == features and "unreadable tokenised cache" in caplog.text
+
+
+def test_fused_adamw_takes_the_same_steps_as_foreach(toy_data, tmp_path):
+    common = ("logger=none", "trainer.max_steps=4", "trainer.save_best=false")
+    fused = train(toy_config(toy_data, tmp_path / "a", "optimizer.fused=true", *common))
+    plain = train(toy_config(toy_data, tmp_path / "b", "optimizer.fused=false", *common))
+    for (_, x), (_, y) in zip(
+        fused["train_loss_history"], plain["train_loss_history"], strict=True
+    ):
+        assert x == pytest.approx(y, rel=1e-5)
+
+
+def test_bf16_keeps_a_frozen_base_in_bf16_and_the_rest_in_fp32():
+    _, model, _, _ = tiny("lora=default")
+    changed = cast_frozen(model, torch.bfloat16)
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert changed > 0
+    assert all(d == torch.float32 for n, d in dtypes.items() if "lora_" in n)
+    assert all(d == torch.bfloat16 for n, d in dtypes.items() if "base_layer" in n)
+    assert all(d == torch.float32 for n, d in dtypes.items() if "embed" in n or "norm" in n)
+
+
+def test_bf16_run_tracks_the_fp32_run(toy_data, tmp_path):
+    common = ("logger=none", "trainer.max_steps=6", "trainer.save_best=false",
+              "lora=default", "lora.dropout=0")  # fmt: skip
+    fp32 = train(toy_config(toy_data, tmp_path / "a", *common))
+    bf16 = train(toy_config(toy_data, tmp_path / "b", "trainer.precision=bf16", *common))
+    assert bf16["final_val_loss"] == pytest.approx(fp32["final_val_loss"], rel=2e-2)
+    assert bf16["train_loss_history"] != fp32["train_loss_history"]  # bf16 really ran
+    for (_, x), (_, y) in zip(fp32["train_loss_history"], bf16["train_loss_history"], strict=True):
+        assert x == pytest.approx(y, rel=2e-2)
+
+
+def test_loss_sum_with_full_logits_on_a_packed_row_matches():
+    """The full-forward fallback (used under DDP) reads packed rows the same way."""
+    _, model, tokenizer, features = tiny("lora=none")
+    model.eval()
+    row = pack(features)
+    fast, n = loss_sum(model, row)
+    logits = model(**{k: v for k, v in row.items() if k != "labels"}, use_cache=False).logits
+    labels = row["labels"][:, 1:]
+    full = F.cross_entropy(logits[0, :-1], labels[0], ignore_index=IGNORE_INDEX, reduction="sum")
+    assert n == int((labels != IGNORE_INDEX).sum())
+    assert torch.allclose(fast, full, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("weight_trains", [False, True])
+def test_chunked_linear_cross_entropy_equals_the_plain_one(monkeypatch, bias, weight_trains):
+    import instruct.loss as loss_module
+    from instruct.loss import linear_cross_entropy
+
+    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 3 * 50)  # 3 rows a chunk, uneven end
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(10, 16, generator=g, requires_grad=True)
+    weight = torch.randn(50, 16, generator=g, requires_grad=weight_trains)
+    b = torch.randn(50, generator=g, requires_grad=True) if bias else None
+    targets = torch.randint(0, 50, (10,), generator=g)
+    inputs = [t for t in (hidden, weight, b) if t is not None and t.requires_grad]
+
+    plain = F.cross_entropy(F.linear(hidden, weight, b), targets, reduction="sum")
+    plain_grads = torch.autograd.grad(3 * plain, inputs)
+    chunked = linear_cross_entropy(hidden, weight, b, targets)
+    chunked_grads = torch.autograd.grad(3 * chunked, inputs)
+    assert torch.allclose(chunked, plain, rtol=1e-6)
+    for x, y in zip(chunked_grads, plain_grads, strict=True):
+        assert (x - y).abs().max() <= 1e-5 * y.abs().max()
+    with torch.no_grad():
+        assert torch.allclose(linear_cross_entropy(hidden, weight, b, targets), plain)
+
+
+@pytest.mark.parametrize("lora", ["lora=none", "lora=default"])
+def test_fused_loss_gives_the_loss_and_gradients_of_the_plain_head(lora):
+    """Full fine-tuning trains the tied head/embedding through the fused loss too."""
+    _, model, _, features = tiny(lora, "lora.dropout=0")
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    row = pack(features)
+    results = []
+    for fused in (False, True):
+        model.zero_grad()
+        loss, n = loss_sum(model, row, fused)
+        loss.backward()
+        results.append((loss.detach(), n, [p.grad.clone() for p in params]))
+    (plain, n_plain, g_plain), (fused, n_fused, g_fused) = results
+    assert n_plain == n_fused and torch.allclose(fused, plain, rtol=1e-5)
+    for x, y in zip(g_fused, g_plain, strict=True):
+        assert (x - y).abs().max() <= 1e-5 * y.abs().max()
+
+
+def test_fused_loss_under_bf16_autocast_tracks_fp32():
+    _, model, _, features = tiny("lora=none")
+    row = pack(features)
+    with torch.no_grad():
+        fp32, _ = loss_sum(model, row, fused=False)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            plain, _ = loss_sum(model, row, fused=False)
+            fused, _ = loss_sum(model, row, fused=True)
+    assert fused.dtype == torch.float32
+    assert fused == pytest.approx(plain.item(), rel=1e-2)
+    assert fused == pytest.approx(fp32.item(), rel=1e-2)
+
+
+def test_parallel_dropout_keeps_with_probability_1_minus_p_and_rescales():
+    from instruct.model import ParallelDropout
+
+    drop = ParallelDropout(0.1).train()
+    x = torch.ones(1000, 1000, requires_grad=True)
+    torch.manual_seed(0)
+    y = drop(x)
+    kept = y != 0
+    # 1e6 draws: the keep rate is within 5 standard deviations (1.5e-3) of 0.9.
+    assert abs(kept.float().mean().item() - 0.9) < 1.5e-3
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.9))
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # gradient: the same mask and scale
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), y)  # the global seed fixes the mask
+    assert not torch.equal(drop(x), y)  # and each call draws a new one
+    assert torch.equal(drop.eval()(x), x)
+
+
+def test_lora_dropout_layers_become_parallel_and_can_be_switched_off():
+    from instruct.model import ParallelDropout
+
+    for switch, expected in (("true", ParallelDropout), ("false", torch.nn.Dropout)):
+        _, model, _, _ = tiny("lora=default", f"lora.parallel_dropout={switch}")
+        layers = [m for m in model.modules() if hasattr(m, "lora_dropout")]
+        kinds = {type(d) for m in layers for d in m.lora_dropout.values()}
+        assert kinds == {expected}
