@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -114,8 +115,22 @@ def _record_payloads(data: bytes) -> list[bytes]:
     return payloads
 
 
-def read_offline_run(run_path: str | Path) -> dict[str, Any]:
-    """History rows, summary, config and run info recorded in an offline W&B run folder."""
+def read_offline_run(run_path: str | Path, wait_seconds: float = 0.0) -> dict[str, Any]:
+    """History rows, summary, config and run info recorded in an offline W&B run folder.
+
+    ``complete`` says whether the run's exit record is in the file. W&B's writer is another
+    process and ``run.finish()`` can return before it has flushed everything, so a reader in
+    the same process may wait up to ``wait_seconds`` for the exit record.
+    """
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        out = _read_offline_run(run_path)
+        if out["complete"] or time.monotonic() >= deadline:
+            return out
+        time.sleep(0.1)
+
+
+def _read_offline_run(run_path: str | Path) -> dict[str, Any]:
     from wandb.proto import wandb_internal_pb2 as pb
 
     run_path = Path(run_path)
@@ -123,6 +138,7 @@ def read_offline_run(run_path: str | Path) -> dict[str, Any]:
     if not files:
         raise FileNotFoundError(f"{run_path}: no .wandb file")
     out: dict[str, Any] = {"history": [], "summary": {}, "config": {}, "run": {}}
+    out["complete"] = False
     for payload in _record_payloads(files[0].read_bytes()):
         record = pb.Record()
         record.ParseFromString(payload)
@@ -135,6 +151,8 @@ def read_offline_run(run_path: str | Path) -> dict[str, Any]:
             )
         elif kind == "config":
             out["config"].update({_key(i): json.loads(i.value_json) for i in record.config.update})
+        elif kind == "exit":
+            out["complete"] = True
         elif kind == "run":
             r = record.run
             out["config"].update({_key(i): json.loads(i.value_json) for i in r.config.update})

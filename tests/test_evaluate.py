@@ -40,7 +40,7 @@ def test_base_vs_tuned_reports(fixture, request):
     assert "| metric | base | tuned |" in md and "| validation loss (responses) |" in md
     assert "<table>" in (out / "eval.html").read_text()
     (run_file,) = out.glob("wandb/offline-run-*/run-*.wandb")
-    recorded = read_offline_run(run_file)
+    recorded = read_offline_run(run_file, wait_seconds=60)
     assert recorded["summary"]["eval/tuned/val_loss"] == pytest.approx(summary["tuned"]["val_loss"])
     (table,) = [r for r in recorded["history"] if r.get("eval/samples/_type") == "table-file"]
     assert table["eval/samples/nrows"] == len(rows)

@@ -57,7 +57,8 @@ def test_results_json_is_complete(full_run):
 def test_wandb_offline_run_holds_the_losses(full_run):
     _, results, run_dir = full_run
     (run_file,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
-    recorded = read_offline_run(run_file)
+    recorded = read_offline_run(run_file, wait_seconds=60)
+    assert recorded["complete"]  # W&B's writer flushed up to the run's exit record
     train_steps = [r["_step"] for r in recorded["history"] if "train/loss" in r]
     val = [(r["_step"], r["val/loss"]) for r in recorded["history"] if "val/loss" in r]
     assert train_steps == list(range(1, 13))
@@ -135,7 +136,7 @@ def test_each_evaluation_logs_generated_samples(full_run):
     ]
     assert all({"prompt", "reference", "response"} <= set(r) for r in rows)
     (run_file,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
-    history = read_offline_run(run_file)["history"]
+    history = read_offline_run(run_file, wait_seconds=60)["history"]
     tables = [r for r in history if r.get("samples/_type") == "table-file"]
     assert len(tables) == 4 and tables[0]["samples/nrows"] == 3
 
