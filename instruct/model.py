@@ -378,7 +378,7 @@ def use_packed_attention(model: Any) -> str:
     SDPA models switch to :func:`packed_attention`. Flash-attention models keep their own
     varlen kernels, which read the same ``cu_seq_lens_*``. Anything else keeps its
     implementation, and transformers derives a block mask from the restarting position ids;
-    :func:`instruct.train.check_packing` tests the result either way.
+    :func:`instruct.train.trust_packing` tests the result either way.
     """
     config = model.config
     current = getattr(config, "_attn_implementation", None)
