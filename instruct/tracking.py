@@ -182,7 +182,7 @@ def start_tracking(
         "group": cfg.group,
         "tags": list(cfg.tags),
         "dir": str(run_dir),
-        "config": config,
+        "config": with_overrides(config),
         "job_type": job_type,
     }
     if run_id is not None:
@@ -190,6 +190,18 @@ def start_tracking(
     if cfg.mode == "offline":
         return Tracker(run_dir, wandb.init(mode="offline", **kwargs))
     return Tracker(run_dir, init_online(kwargs, cfg.init_timeout))
+
+
+def with_overrides(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with the job's overrides (``logger.overrides``) moved to a top-level
+    ``overrides`` dict: in the W&B UI, ``overrides.lora.rank``, ``overrides.template``, ...
+    are exactly the keys set on the command line (a sweep's varied ones among them), ready
+    for grouping and parallel coordinates."""
+    logger = config.get("logger")
+    if not isinstance(logger, dict) or not logger.get("overrides"):
+        return config
+    rest = {k: v for k, v in logger.items() if k != "overrides"}
+    return {"overrides": logger["overrides"], **config, "logger": rest}
 
 
 def init_online(kwargs: dict[str, Any], timeout: float) -> Any:

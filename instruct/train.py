@@ -254,7 +254,8 @@ def resume_command(command: Sequence[str] | None, run_dir: Path) -> str:
 
 def finished_results(cfg: DictConfig) -> dict[str, Any] | None:
     """With ``trainer.resume=auto``, the results of a run folder that already trained every
-    step this config asks for; else None."""
+    step this config asks for; else None. A folder trained with another config (its last
+    checkpoint's) is refused, as a resume would be: its results are not this config's."""
     if cfg.trainer.resume != "auto" or not cfg.run_dir:
         return None
     path = Path(cfg.run_dir) / "results.json"
@@ -263,7 +264,12 @@ def finished_results(cfg: DictConfig) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     length = {"max_steps": cfg.trainer.max_steps, "epochs": cfg.trainer.epochs}
-    return results if results.get("length") == length else None
+    if not isinstance(results, dict) or results.get("length") != length:
+        return None
+    last = latest_complete(Path(cfg.run_dir) / "checkpoints")
+    if last is not None:
+        check_resume_config(cfg, last)
+    return results
 
 
 class Interrupted(Exception):

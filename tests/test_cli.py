@@ -79,6 +79,8 @@ def test_the_wheel_ships_configs_and_data(tmp_path):
         "model/tiny.yaml",
         "lora/none.yaml",
         "data/file.yaml",
+        "experiment/template_comparison.yaml",
+        "hydra/sweeper/optuna_lr.yaml",
     ):
         assert f"instruct/conf/{option}" in names
     assert "instruct/data/manual.jsonl" in names
