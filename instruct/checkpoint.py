@@ -10,6 +10,11 @@ weights, optimizer, scheduler and grad-scaler state, every RNG, and the loop's o
 Every checkpoint is written into a temporary sibling folder, fsynced, then renamed into place,
 and holds a completeness marker written last. A reader never sees a half-written folder, and a
 folder without the marker (a copy cut short) is never resumed from.
+
+Under FSDP the weights and the optimizer state are sharded (DTensors, a slice on each process).
+Every process then calls the save functions: each sharded tensor is gathered whole, one at a
+time, the main process writes, and the files are the ones a single process writes. Loading
+gives each process its own slice of the whole tensors it reads.
 """
 
 from __future__ import annotations
@@ -101,18 +106,152 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def save_checkpoint(
-    path: Path, model: Any, tokenizer: Any, cfg: DictConfig, state: dict[str, Any]
+    path: Path,
+    model: Any,
+    tokenizer: Any,
+    cfg: DictConfig,
+    state: dict[str, Any],
+    writer: bool = True,
 ) -> None:
-    """Write a usable model checkpoint to ``path``, replacing any previous one atomically."""
+    """Write a usable model checkpoint to ``path``, replacing any previous one atomically.
+
+    A sharded (FSDP) model: every process calls this, and only the ``writer`` writes.
+    """
+    weights = whole_weights(model, writer) if is_sharded(model) else None
+    if not writer:
+        return
 
     def write(folder: Path) -> None:
         # LoRA: adapter weights only; full fine-tuning: every weight. Both as safetensors.
-        model.save_pretrained(folder, safe_serialization=True)
+        if weights is None:
+            model.save_pretrained(folder, safe_serialization=True)
+        else:  # the gathered tensors, as the unsharded model would have given them
+            model.save_pretrained(folder, safe_serialization=True, state_dict=weights)
         tokenizer.save_pretrained(folder)
         write_config(folder, cfg)
         (folder / STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
 
     write_atomically(path, write)
+
+
+# ---------------------------------------------------------------- sharded (FSDP) tensors
+
+
+def is_sharded(model: Any) -> bool:
+    """Whether FSDP (``fully_shard``) manages some module of ``model``."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def reshard(model: Any) -> None:
+    """Under FSDP, every module's weights back in their shards, registered as the module's
+    parameters. A forward can leave some gathered (the root's, and those of units that
+    keep them for the backward), and a parameter read or written then would be the gathered
+    copy: in the compute dtype, and dropped at the next reshard."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def whole(tensor: torch.Tensor, keep: bool) -> torch.Tensor | None:
+    """``tensor`` whole, on the CPU, where ``keep`` (else None). A DTensor is gathered from
+    every process: all of them must call this for it, in the same order."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tensor, DTensor):
+        tensor = tensor.full_tensor()
+    return tensor.detach().cpu() if keep else None
+
+
+def like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``full`` as ``param`` holds it: this process's slice when ``param`` is sharded. Every
+    process has the whole tensor (read from the checkpoint), so nothing is sent."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(param, DTensor):
+        return full
+    full = full.to(device=param.device, dtype=param.dtype)
+    return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+
+
+def whole_weights(model: Any, keep: bool) -> dict[str, torch.Tensor]:
+    """The state dict ``save_pretrained`` writes, gathered whole (on the CPU, where ``keep``).
+
+    For LoRA, only the entries peft picks (adapters, and embeddings it decides to keep), so
+    the frozen base is never gathered; otherwise every entry.
+    """
+    local = model.state_dict()  # DTensors: no communication yet
+    names = list(local)
+    if hasattr(model, "peft_config"):
+        from peft import get_peft_model_state_dict
+
+        picked = {id(t) for t in get_peft_model_state_dict(model, state_dict=local).values()}
+        names = [name for name in names if id(local[name]) in picked]
+    # A weight tied to another (the output layer to the embeddings) is gathered once, and
+    # stays one tensor, which save_pretrained then writes once.
+    owner: dict[str, Any] = {n: id(p) for n, p in model.named_parameters(remove_duplicate=False)}
+    gathered: dict[Any, torch.Tensor | None] = {}
+    for name in names:
+        key = owner.get(name, name)
+        if key not in gathered:
+            gathered[key] = whole(local[name], keep)
+    return {name: gathered[owner.get(name, name)] for name in names} if keep else {}
+
+
+def trainable_weights(model: Any, keep: bool) -> dict[str, torch.Tensor]:
+    """Every trained parameter by name, whole (gathered under FSDP; on the CPU, where ``keep``)."""
+    if is_sharded(model):
+        reshard(model)
+    trained = {
+        name: whole(p, keep) for name, p in model.named_parameters() if p.requires_grad
+    }  # fmt: skip
+    return {name: t.contiguous() for name, t in trained.items()} if keep else {}
+
+
+def optimizer_state(optimizer: Any, keep: bool) -> dict[str, Any]:
+    """``optimizer.state_dict()`` with every tensor whole, as one process would have it (where
+    ``keep``). Under FSDP each moment (``exp_avg``, ...) is a DTensor sliced like its
+    parameter, gathered here in the state dict's order, the same on every process."""
+    state = optimizer.state_dict()
+    if not any(_has_dtensor(values) for values in state["state"].values()):
+        return state if keep else {}
+    moments = {
+        index: {key: whole(v, keep) if torch.is_tensor(v) else v for key, v in values.items()}
+        for index, values in state["state"].items()
+    }  # fmt: skip
+    return {"state": moments, "param_groups": state["param_groups"]} if keep else {}
+
+
+def _has_dtensor(values: dict[str, Any]) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(v, DTensor) for v in values.values())
+
+
+def shard_optimizer_state(state: dict[str, Any], optimizer: Any) -> dict[str, Any]:
+    """A whole optimizer state (as :func:`optimizer_state` saved it) with each parameter-shaped
+    tensor sliced as its parameter is: what ``optimizer.load_state_dict`` needs under FSDP."""
+    from torch.distributed.tensor import DTensor
+
+    live = [p for group in optimizer.param_groups for p in group["params"]]
+    if not any(isinstance(p, DTensor) for p in live):
+        return state
+    by_index = {
+        index: param
+        for saved, live in zip(state["param_groups"], optimizer.param_groups, strict=True)
+        for index, param in zip(saved["params"], live["params"], strict=True)
+    }  # fmt: skip
+    moments = {}
+    for index, values in state["state"].items():
+        param = by_index[index]
+        moments[index] = {
+            key: like(v, param) if torch.is_tensor(v) and v.shape == param.shape else v
+            for key, v in values.items()
+        }  # the step count (a scalar) stays as it is
+    return {**state, "state": moments}
 
 
 def write_config(folder: Path, cfg: DictConfig) -> None:
@@ -176,21 +315,27 @@ def save_state(
     cfg: DictConfig,
     loop: dict[str, Any],
     rng: list[dict[str, Any]] | None = None,
+    writer: bool = True,
 ) -> None:
     """A resumable checkpoint at ``path``: trained weights (safetensors), optimizer, scheduler
     and grad-scaler state plus every RNG (``optimizer.pt``: tensors and plain values only),
-    the loop's state (``trainer_state.json``) and the resolved config (YAML)."""
+    the loop's state (``trainer_state.json``) and the resolved config (YAML).
+
+    A sharded (FSDP) model: every process calls this, and only the ``writer`` writes; the
+    weights and optimizer state are whole, so one process (or any number) can resume them.
+    """
     from safetensors.torch import save_file
 
-    trained = {
-        name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad
-    }
+    trained = trainable_weights(model, writer)
+    optimizer_saved = optimizer_state(optimizer, writer)
+    if not writer:
+        return
 
     def write(folder: Path) -> None:
         save_file(trained, str(folder / WEIGHTS_FILE))
         torch.save(
             {
-                "optimizer": optimizer.state_dict(),
+                "optimizer": optimizer_saved,
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "rng": rng if rng is not None else [rng_state()],  # one per process
@@ -214,6 +359,8 @@ def load_state(path: Path, model: Any, optimizer: Any, scheduler: Any, scaler: A
     path = Path(path)
     check_resumable(path)
     trained = load_file(str(path / WEIGHTS_FILE))
+    if is_sharded(model):
+        reshard(model)
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if set(trained) != set(params):
         missing, extra = sorted(set(params) - set(trained)), sorted(set(trained) - set(params))
@@ -223,9 +370,9 @@ def load_state(path: Path, model: Any, optimizer: Any, scheduler: Any, scaler: A
         )
     with torch.no_grad():
         for name, p in params.items():
-            p.copy_(trained[name])
+            p.copy_(like(trained[name], p))
     extra = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(extra["optimizer"])
+    optimizer.load_state_dict(shard_optimizer_state(extra["optimizer"], optimizer))
     scheduler.load_state_dict(extra["scheduler"])
     if scaler is not None and extra["scaler"] is not None:
         scaler.load_state_dict(extra["scaler"])

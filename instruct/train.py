@@ -11,6 +11,7 @@ Each of these is switchable and leaves the loss unchanged to float precision.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -22,7 +23,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,19 +89,26 @@ def evaluate(
     """Mean loss over every supervised token of ``features`` (token-weighted, not per batch).
 
     With several processes (``accelerator``), each takes every world-size-th example and the
-    sums are added up over all of them: every example counts exactly once.
+    sums are added up over all of them: every example counts exactly once. Under FSDP each
+    forward needs every process, so all run as many batches as process 0 (which has the most);
+    one with fewer runs its last ones on an example it then leaves out.
     """
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     ordered = sorted(features, key=lambda f: len(f.input_ids))  # less padding, same sum
+    mine, rounds = ordered, len(ordered)
     if accelerator is not None and accelerator.num_processes > 1:
-        ordered = ordered[accelerator.process_index :: accelerator.num_processes]
-    for i in range(0, len(ordered), batch_size):
-        inputs = to_device(batch(ordered[i : i + batch_size], pad_id, packed), device)
+        mine = ordered[accelerator.process_index :: accelerator.num_processes]
+        rounds = len(ordered[:: accelerator.num_processes]) if is_fsdp(accelerator) else len(mine)
+    for i in range(0, rounds, batch_size):
+        part, weight = mine[i : i + batch_size], 1
+        if not part:  # FSDP: a forward for the other processes' sake
+            part, weight = ordered[:1], 0
+        inputs = to_device(batch(part, pad_id, packed), device)
         with autocast():
             loss, n = loss_sum(model, inputs, fused)
-        total, count = total + loss.item(), count + n
+        total, count = total + loss.item() * weight, count + n * weight
     model.train(was_training)
     total, count = all_ranks_sum(accelerator, total, count)
     return total / max(count, 1)
@@ -436,19 +444,97 @@ def new_accelerator(mixed_precision: str) -> Any:
     state = AcceleratorState._shared_state
     if state and state.get("_mixed_precision", mixed_precision) != mixed_precision:
         AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=mixed_precision, cpu=cpu_only_launch())
+    cpu = cpu_only_launch()
+    if not AcceleratorState._shared_state:
+        offer_fsdp(cpu)
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
 
 
-def refuse_sharding(accelerator: Any) -> None:
-    """FSDP and DeepSpeed launches are refused until the loop supports them: their sharded
-    weights and optimizer state need every process for each forward, save and load, which
-    the loop does not do yet (it would hang or save a shard as the model)."""
-    kind = str(accelerator.distributed_type).rsplit(".", 1)[-1]
-    if kind in ("FSDP", "DEEPSPEED"):
+def offer_fsdp(cpu: bool) -> None:
+    """Make an FSDP launch (``accelerate launch --config_file conf/accelerate/fsdp.yaml``)
+    shard on a machine without GPUs too.
+
+    Accelerate 1.15 turns such a launch into FSDP only when the processes joined as GPU-like
+    ones (MULTI_GPU, MULTI_NPU, ...); on CPUs (MULTI_CPU, gloo) it silently trains with plain
+    data parallelism. torch's ``fully_shard`` works on CPUs over gloo, so the process group is
+    joined as usual and shown to Accelerate as MULTI_GPU for that one choice, which it then
+    records as FSDP: from there on, the run takes the code path a GPU run takes. The same
+    applies to an Accelerator made again in one process (a sweep), whose process group
+    already says FSDP. Without an FSDP launch, nothing changes.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return
+    joined = PartialState(cpu=cpu).distributed_type
+    if joined in (DistributedType.MULTI_CPU, DistributedType.FSDP):
+        PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
+
+
+def is_fsdp(accelerator: Any) -> bool:
+    """Whether ``accelerator`` shards the model with FSDP (every forward then needs every
+    process, and saves gather the shards)."""
+    return str(accelerator.distributed_type).rsplit(".", 1)[-1] == "FSDP"
+
+
+def refuse_deepspeed(environ: Mapping[str, str]) -> None:
+    """A DeepSpeed launch (``accelerate launch`` with a DeepSpeed config sets
+    ``ACCELERATE_USE_DEEPSPEED``) is refused before anything is built, with the reason.
+
+    DeepSpeed's engine steps the optimizer inside ``backward`` and counts accumulation steps
+    itself, keeps the optimizer state partitioned in its own format, and under ZeRO-3 hands
+    the weights out only as a 16-bit copy: the loop's token-weighted accumulation, its
+    checkpoints (whole fp32 state that one process loads) and exact resume do not fit that
+    yet, and no DeepSpeed run of this loop has been checked (see the README).
+    """
+    if environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         raise NotImplementedError(
-            f"accelerate launch with {kind}: not supported by this trainer yet; launch with "
-            "conf/accelerate/ddp.yaml (or torchrun) while the model fits one device"
+            "accelerate launch with DeepSpeed: not supported by this trainer (its engine owns "
+            "the optimizer step, accumulation and a partitioned optimizer state, which the "
+            "loop's checkpoints and exact resume do not handle yet). To shard a model that "
+            "does not fit one GPU, launch with conf/accelerate/fsdp.yaml; while it fits, "
+            "conf/accelerate/ddp.yaml or torchrun"
         )
+
+
+class WholeForward(torch.nn.Module):
+    """``module``'s own forward and nothing else of it, as DDP's wrapper is.
+
+    Under FSDP every forward must enter through the sharded root module: its hooks gather the
+    weights no layer owns (a final norm, say), and every process runs every forward. Given a
+    model it can take apart, :func:`instruct.loss.loss_sum` would call the decoder and the
+    output layer on their own, around the root; given this wrapper it takes the model's full
+    forward, with ``logits_to_keep`` on packed rows (:func:`instruct.loss.logits_where`).
+    """
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+
+@contextmanager
+def root_gathered(model: Any, fsdp: bool) -> Iterator[None]:
+    """Under FSDP, the root's own weights gathered while ``generate`` runs, on every process.
+
+    transformers' ``generate`` calls the inner model's forward (a PeftModel's base model), so
+    the root's hooks, which gather the weights that belong to no layer, do not run; each layer
+    and the embeddings still gather their own. ``synced_gpus`` (which transformers turns on
+    for a module marked as FSDP-managed) keeps the processes decoding in step until all end.
+    """
+    if not fsdp:
+        yield
+        return
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base._is_fsdp_managed_module = True  # transformers' own mark: generate(synced_gpus=True)
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
 
 
 def cpu_only_launch() -> bool:
@@ -478,8 +564,8 @@ def setup(cfg: DictConfig) -> Run:
     set_seed(cfg.seed)
     if t.keep_freed_memory and keep_freed_memory():
         log.info("trainer.keep_freed_memory: freed memory is reused, not returned to the OS")
+    refuse_deepspeed(os.environ)
     accelerator = new_accelerator(PRECISIONS[t.precision])
-    refuse_sharding(accelerator)
 
     with accelerator.local_main_process_first():  # converted-model cache: one writer a node
         model, tokenizer = build_model(cfg.model)
@@ -517,15 +603,23 @@ def setup(cfg: DictConfig) -> Run:
         100 * trainable / total,
     )
     steps = total_steps(cfg, len(train_set), accelerator.num_processes)
+    fsdp = is_fsdp(accelerator)
+    if fsdp:  # before sharding: FSDP would gather the weights in the compute dtype (bf16)
+        packed = t.packing and main_decides(accelerator, lambda: trust_packing(
+            model, train_set, tokenizer.pad_token_id, "cpu", attention))  # fmt: skip
+        if t.precision == "bf16":  # sharded as stored: the frozen base in half the memory
+            cast_frozen(model, torch.bfloat16)
     optimizer = build_optimizer(model, cfg.optimizer)
     scheduler = build_scheduler(optimizer, cfg.optimizer, steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    packed = t.packing and trust_packing(
-        accelerator.unwrap_model(model), train_set, tokenizer.pad_token_id, accelerator.device,
-        attention,
-    )  # fmt: skip
-    if t.precision == "bf16":  # after the fp32 packing check; autocast reads them in bf16 anyway
-        cast_frozen(accelerator.unwrap_model(model), torch.bfloat16)
+    held = local_parameters(model)  # before any forward gathers some
+    if not fsdp:
+        packed = t.packing and trust_packing(
+            accelerator.unwrap_model(model), train_set, tokenizer.pad_token_id,
+            accelerator.device, attention,
+        )  # fmt: skip
+        if t.precision == "bf16":  # after the fp32 packing check; autocast reads bf16 anyway
+            cast_frozen(accelerator.unwrap_model(model), torch.bfloat16)
     fingerprint = data_fingerprint(train_set, val_set)
     state: dict[str, Any] = {}
     if point is not None:
@@ -554,6 +648,8 @@ def setup(cfg: DictConfig) -> Run:
         "trainable_parameters": trainable,
         "total_parameters": total,
         "world_size": accelerator.num_processes,
+        "distributed_type": str(accelerator.distributed_type).rsplit(".", 1)[-1],
+        "parameters_on_main_process": held,  # under FSDP, its shards only
     }
     tracker.summary(info)
     samples = [prompt_and_reference(e) for e in val_examples[: t.samples]]
@@ -562,6 +658,22 @@ def setup(cfg: DictConfig) -> Run:
     if state:
         run.restore(state)
     return run
+
+
+def main_decides(accelerator: Any, decide: Callable[[], bool]) -> bool:
+    """``decide()`` run on the main process only, its answer given to every process. Under
+    FSDP the others may hold no weights before sharding (they wait on the meta device for
+    the main process's, with ``fsdp_cpu_ram_efficient_loading``)."""
+    value = float(decide()) if accelerator.is_main_process else 0.0
+    (total,) = all_ranks_sum(accelerator, value)
+    return total > 0
+
+
+def local_parameters(model: Any) -> int:
+    """Parameter elements this process holds: all of them, or its shards under FSDP."""
+    from torch.distributed.tensor import DTensor
+
+    return sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in model.parameters())
 
 
 def trust_packing(model: Any, features: list[Feature], pad_id: int, device: Any, attention) -> bool:
@@ -650,10 +762,12 @@ class Run:
         folder = self.run_dir / "checkpoints"
         path = folder / step_name(self.step)
         rng = gather_rng(self.accelerator)  # every process's, as each draws its own masks
-        if self.accelerator.is_main_process:
-            model = self.accelerator.unwrap_model(self.model)
-            save_state(path, model, self.optimizer, self.scheduler, self.accelerator.scaler,
-                       self.cfg, self.loop_state(), rng)  # fmt: skip
+        main = self.accelerator.is_main_process
+        # Every process: under FSDP each holds a share of the weights and optimizer state.
+        model = self.accelerator.unwrap_model(self.model)
+        save_state(path, model, self.optimizer, self.scheduler, self.accelerator.scaler,
+                   self.cfg, self.loop_state(), rng, writer=main)  # fmt: skip
+        if main:
             rotate(folder, self.cfg.trainer.keep_checkpoints)
         self.accelerator.wait_for_everyone()
         self.eval_seconds += time.perf_counter() - start
@@ -662,6 +776,16 @@ class Run:
     @property
     def run_dir(self) -> Path:
         return Path(self.cfg.run_dir)
+
+    @functools.cached_property
+    def fsdp(self) -> bool:
+        return is_fsdp(self.accelerator)
+
+    @functools.cached_property
+    def scorer(self) -> Any:
+        """What losses are taken with: the prepared model, or under FSDP its root's own
+        forward (:class:`WholeForward`), which every process runs in step."""
+        return WholeForward(self.model) if self.fsdp else self.model
 
     @property
     def best_dir(self) -> Path:
@@ -672,7 +796,7 @@ class Run:
         t = self.cfg.trainer
         start = time.perf_counter()
         val_loss = evaluate(
-            self.accelerator.unwrap_model(self.model),
+            self.scorer if self.fsdp else self.accelerator.unwrap_model(self.model),
             self.val_set,
             t.eval_batch_size or t.batch_size,
             self.tokenizer.pad_token_id,
@@ -687,19 +811,22 @@ class Run:
             {"val/loss": val_loss, "val/perplexity": math.exp(min(val_loss, 50))}, step
         )
         main = self.accelerator.is_main_process
-        if self.samples and main:
+        if self.samples and (main or self.fsdp):  # FSDP: every process takes part
             self.log_samples(step)
         if math.isfinite(val_loss) and val_loss < self.best_val_loss:
             self.best_val_loss, self.best_step = val_loss, step
-            if t.save_best and main:
+            if t.save_best and (main or self.fsdp):  # FSDP: every process gathers its share
                 model = self.accelerator.unwrap_model(self.model)
                 state = {"step": step, "val_loss": val_loss}
-                save_checkpoint(self.best_dir, model, self.tokenizer, self.cfg, state)
+                save_checkpoint(self.best_dir, model, self.tokenizer, self.cfg, state, main)
         self.eval_seconds += time.perf_counter() - start
         return val_loss
 
     def log_samples(self, step: int) -> None:
-        """Greedy replies to a few validation prompts, as a table (W&B and samples.jsonl)."""
+        """Greedy replies to a few validation prompts, as a table (W&B and samples.jsonl).
+
+        Under FSDP every process generates them, in step (see :func:`root_gathered`).
+        """
         template = self.cfg.template
         greedy = SimpleNamespace(
             max_new_tokens=self.cfg.trainer.sample_max_new_tokens,
@@ -708,7 +835,7 @@ class Run:
         )
         prompts = [to_messages(example, template) for example, _ in self.samples]
         model = self.accelerator.unwrap_model(self.model)
-        with self.accelerator.autocast():
+        with self.accelerator.autocast(), root_gathered(model, self.fsdp):
             replies = generate(model, self.tokenizer, template, prompts, greedy)
         rows = [
             [step, prompt[-1]["content"], reference, reply]
@@ -736,13 +863,15 @@ class Run:
             last = k == len(micro_batches) - 1
             with nullcontext() if last else self.accelerator.no_sync(self.model):
                 with self.accelerator.autocast():
-                    loss, _ = loss_sum(self.model, inputs, self.cfg.trainer.fused_loss)
-                # DDP averages gradients over processes; times world, they add up instead.
+                    loss, _ = loss_sum(self.scorer, inputs, self.cfg.trainer.fused_loss)
+                # DDP and FSDP average gradients over processes; times world, they add up.
                 self.accelerator.backward(loss * (weight * world / n_sup))
             total += loss.item() * weight
         (total,) = all_ranks_sum(self.accelerator, total)
         max_norm = self.cfg.optimizer.max_grad_norm or math.inf
         grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, the same on every process
+            grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -1,8 +1,11 @@
-"""Several processes (torchrun, gloo on the CPU) give the results of one process.
+"""Several processes (torchrun, accelerate launch; gloo on the CPU) give the results of one.
 
-Real launches: ``python -m torch.distributed.run --nproc_per_node 2 -m instruct.run ...`` in
-a subprocess. Each run records the world size it trained with, so a launcher that silently
-starts one process cannot pass for two.
+Real launches in a subprocess: ``python -m torch.distributed.run --nproc_per_node 2 -m
+instruct.run ...`` and ``accelerate launch --config_file conf/accelerate/<file>.yaml
+--num_processes 2 -m instruct.run ...`` (the ``accelerate`` command's own entry point). Each
+run records the world size and the distributed type it trained with, and how many parameter
+elements its main process held, so a launcher that silently starts one process, or FSDP that
+silently falls back to data parallel, cannot pass for the real thing.
 """
 
 from __future__ import annotations
@@ -20,20 +23,30 @@ from instruct.tracking import read_offline_run
 REPO = Path(__file__).parents[1]
 
 
-def launch(tmp: Path, name: str, processes: int, *overrides: str) -> tuple[Path, dict]:
-    """Train the toy set in ``tmp/name`` (the working folder); (run folder, results)."""
+def launch(
+    tmp: Path, name: str, processes: int, *overrides: str, config: str | None = None
+) -> tuple[Path, dict]:
+    """Train the toy set in ``tmp/name`` (the working folder); (run folder, results).
+    ``config``: launched with ``accelerate launch --config_file conf/accelerate/<config>``."""
     cwd = tmp / name
     cwd.mkdir()
-    cmd, env = command(tmp, processes, *overrides)
+    cmd, env = command(tmp, processes, *overrides, config=config)
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     (results_file,) = (cwd / "outputs").glob("*/*/results.json")  # one run folder, not one each
     return results_file.parent, json.loads(results_file.read_text())
 
 
-def command(tmp: Path, processes: int, *overrides: str) -> tuple[list[str], dict[str, str]]:
-    """The command line (torchrun for several processes) and its environment."""
+def command(
+    tmp: Path, processes: int, *overrides: str, config: str | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """The command line (torchrun for several processes, or ``accelerate launch`` with
+    ``config``) and its environment."""
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    if config is not None:  # what the `accelerate` command runs; port 0: a free one
+        launcher = ["-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
+                    str(REPO / "conf" / "accelerate" / config), "--num_processes",
+                    str(processes), "--main_process_port", "0"]  # fmt: skip
     args = [
         "model=tiny",
         "lora=none",
@@ -51,7 +64,8 @@ def command(tmp: Path, processes: int, *overrides: str) -> tuple[list[str], dict
     ]
     env = {k: v for k, v in os.environ.items() if k not in ("WANDB_SERVICE",)}
     env["OMP_NUM_THREADS"] = "1"  # two processes on two cores
-    cmd = [sys.executable, *(launcher if processes > 1 else []), "-m", "instruct.run", *args]
+    several = processes > 1 or config is not None
+    cmd = [sys.executable, *(launcher if several else []), "-m", "instruct.run", *args]
     return cmd, env
 
 
@@ -141,14 +155,132 @@ def test_steps_count_the_examples_every_process_takes():
     assert total_steps(cfg, 30, 1) == 15 and total_steps(cfg, 30, 2) == 8
 
 
-@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
-def test_sharded_launches_are_refused_until_supported(kind):
-    from types import SimpleNamespace
+def test_deepspeed_launches_are_refused_with_the_reason():
+    from instruct.train import refuse_deepspeed
 
-    from accelerate.utils import DistributedType
+    with pytest.raises(NotImplementedError, match="DeepSpeed: not supported.*fsdp.yaml"):
+        refuse_deepspeed({"ACCELERATE_USE_DEEPSPEED": "true"})
+    refuse_deepspeed({"ACCELERATE_USE_FSDP": "true"})
+    refuse_deepspeed({})
 
-    from instruct.train import refuse_sharding
 
-    with pytest.raises(NotImplementedError, match=f"{kind}: not supported"):
-        refuse_sharding(SimpleNamespace(distributed_type=DistributedType[kind]))
-    refuse_sharding(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))
+def fsdp_unavailable() -> str | None:
+    """Why FSDP cannot run on this machine's CPUs, or None."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        return f"torch {torch.__version__} has no torch.distributed with gloo"
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        return f"torch {torch.__version__} has no FSDP2 (torch.distributed.fsdp.fully_shard)"
+    return None
+
+
+# LoRA, the case FSDP is for; no dropout, as each process draws its own masks.
+LORA = ("lora=default", "lora.dropout=0.0")
+
+
+@pytest.fixture(scope="module")
+def one_lora(toy_tmp) -> tuple[Path, dict]:
+    """One process, batch 4, LoRA: what 2 processes of batch 2 must give."""
+    return launch(toy_tmp, "one-lora", 1, *LORA, "trainer.batch_size=4")
+
+
+@pytest.mark.slow
+def test_accelerate_launch_starts_two_processes_on_the_cpu(toy_tmp, one_lora):
+    """The shipped multi_cpu.yaml through `accelerate launch`: two processes in one gloo
+    group (data parallel), with one process's losses."""
+    _, one = one_lora
+    _, two = launch(toy_tmp, "accelerate-ddp", 2, *LORA, "trainer.batch_size=2",
+                    config="multi_cpu.yaml")  # fmt: skip
+    assert (two["world_size"], two["distributed_type"]) == (2, "MULTI_CPU")
+    assert two["parameters_on_main_process"] == two["total_parameters"]  # a whole copy each
+    assert close(two["train_loss_history"], one["train_loss_history"])
+    assert close(two["val_loss_history"], one["val_loss_history"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(fsdp_unavailable() is not None, reason=str(fsdp_unavailable()))
+def test_fsdp_shards_lora_training_and_saves_whole_checkpoints(toy_tmp, one_lora):
+    """conf/accelerate/fsdp.yaml through `accelerate launch`, 2 processes on the CPU: the
+    weights are sharded (each process holds half of them), the losses are one process's, and
+    the checkpoints hold whole tensors that one process loads."""
+    import torch
+    from safetensors.torch import load_file
+
+    from instruct.checkpoint import load_checkpoint
+    from instruct.data import load_splits
+    from instruct.train import evaluate, tokenize_split
+
+    one_dir, one = one_lora
+    two_dir, two = launch(toy_tmp, "fsdp", 2, *LORA, "trainer.batch_size=2",
+                          config="fsdp.yaml")  # fmt: skip
+    assert (two["world_size"], two["distributed_type"]) == (2, "FSDP")
+    # Sharded: the main process holds half of every weight (DTensor shards), not a copy.
+    assert one["parameters_on_main_process"] == one["total_parameters"]
+    assert two["parameters_on_main_process"] * 2 == two["total_parameters"]
+    assert close(two["train_loss_history"], one["train_loss_history"])
+    assert close(two["val_loss_history"], one["val_loss_history"])
+    assert one["train_loss_history"][-1][1] < one["train_loss_history"][0][1]
+    # Every process took part in generating the samples (or the run would have hung).
+    samples = (two_dir / "samples.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in samples] == [0, 3, 6]
+
+    # Whole tensors in both checkpoints, as one process wrote them.
+    for name in ("best/adapter_model.safetensors", "step-00000006/trainable.safetensors"):
+        mine, theirs = (load_file(d / "checkpoints" / name) for d in (two_dir, one_dir))
+        assert mine.keys() == theirs.keys() and mine
+        for key, tensor in mine.items():
+            assert tensor.shape == theirs[key].shape, key
+            torch.testing.assert_close(tensor, theirs[key], rtol=0, atol=1e-4)
+    saved = torch.load(two_dir / "checkpoints/step-00000006/optimizer.pt", weights_only=True)
+    reference = torch.load(one_dir / "checkpoints/step-00000006/optimizer.pt", weights_only=True)
+    moments, expected = saved["optimizer"]["state"], reference["optimizer"]["state"]
+    assert moments.keys() == expected.keys()
+    for index, state in moments.items():
+        for key, value in state.items():
+            assert type(value) is torch.Tensor and value.shape == expected[index][key].shape
+
+    # The best checkpoint, loaded by one process, gives the validation loss it was saved at.
+    model, tokenizer, cfg = load_checkpoint(two_dir / "checkpoints" / "best")
+    _, val_examples = load_splits(cfg.data, cfg.seed)
+    val_set, _ = tokenize_split(val_examples, cfg, tokenizer)
+    val_loss = evaluate(model, val_set, 2, tokenizer.pad_token_id, "cpu")
+    assert two["best_step"] == 6
+    assert abs(val_loss - two["best_val_loss"]) <= 1e-5 * two["best_val_loss"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(fsdp_unavailable() is not None, reason=str(fsdp_unavailable()))
+def test_an_fsdp_run_resumes_under_the_launcher(toy_tmp):
+    """A 2-process FSDP run cut off after its step-4 checkpoint (a copy of its folder without
+    what came later), relaunched with trainer.resume=auto, ends as the whole run did: every
+    process gets its slice of the saved weights and optimizer state back (LoRA dropout on,
+    so each process's RNG state must come back too)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    steps = ["trainer.batch_size=2", "lora=default", "lora.dropout=0.1",
+             "trainer.checkpoint_every=2"]  # fmt: skip
+    whole_dir, whole = launch(toy_tmp, "fsdp-whole", 2, *steps, config="fsdp.yaml")
+    cut = toy_tmp / "fsdp-cut"
+    shutil.copytree(whole_dir, cut)
+    for later in ("checkpoints/step-00000006", "results.json"):
+        shutil.rmtree(cut / later) if (cut / later).is_dir() else (cut / later).unlink()
+    assert (cut / "checkpoints/step-00000004").is_dir()
+
+    cmd, env = command(toy_tmp, 2, *steps, f"hydra.run.dir={cut}", "trainer.resume=auto",
+                       config="fsdp.yaml")  # fmt: skip
+    done = subprocess.run(cmd, cwd=toy_tmp, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert "resuming from" in done.stdout + done.stderr
+    resumed = json.loads((cut / "results.json").read_text())
+    assert (resumed["world_size"], resumed["distributed_type"]) == (2, "FSDP")
+    assert close(resumed["train_loss_history"], whole["train_loss_history"], rel=1e-6)
+    assert close(resumed["val_loss_history"], whole["val_loss_history"], rel=1e-6)
+    name = "checkpoints/step-00000006/trainable.safetensors"
+    a, b = load_file(cut / name), load_file(whole_dir / name)
+    assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() <= 1e-6 for k in a)
