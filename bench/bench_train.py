@@ -690,7 +690,9 @@ def child_prep_ours(spec: dict[str, Any]) -> dict[str, Any]:
     return {**out, "examples": len(ids), **token_counts(ids, [f.labels for f in features])}
 
 
-def run_prep(folder: Path, root: Path, n: int) -> dict[str, Any]:
+def run_prep(folder: Path, root: Path, n: int, repeats: int) -> dict[str, Any]:
+    """Each side ``repeats`` times, alternating (ours, TRL, ours, ...), each in a fresh child
+    and ours on an empty tokenised cache every time."""
     from transformers import AutoTokenizer
 
     out = root / "prep"
@@ -699,51 +701,66 @@ def run_prep(folder: Path, root: Path, n: int) -> dict[str, Any]:
     write_jsonl(train, make_examples(n))
     _, rows, _ = features_and_prompts(train, AutoTokenizer.from_pretrained(folder))
     write_jsonl(trl_data, rows)
-    spec = {
-        "folder": str(folder),
-        "train": str(train),
-        "trl_data": str(trl_data),
-        "cache": str(out / "cache"),
-    }
-    result = {}
-    for side in ("ours", "trl"):
-        work = out / side
-        work.mkdir()
-        result[side] = run_child(f"prep-{side}", spec, work)
+    result: dict[str, list[dict[str, Any]]] = {"ours": [], "trl": []}
+    for rep in range(repeats):
+        for side in ("ours", "trl"):
+            work = out / f"{side}-{rep}"
+            work.mkdir()
+            spec = {
+                "folder": str(folder),
+                "train": str(train),
+                "trl_data": str(trl_data),
+                "cache": str(work / "cache"),
+            }
+            result[side].append(run_child(f"prep-{side}", spec, work))
     return result
 
 
-def print_prep(n: int, r: dict[str, Any]) -> None:
+def print_prep(n: int, r: dict[str, list[dict[str, Any]]]) -> None:
     ours, trl = r["ours"], r["trl"]
-    trl_prep = trl["full_construct_s"] - trl["baseline_8_construct_s"]
-    print(f"\n== dataset preparation: {n:,} examples, ChatML, max_length {MAX_LENGTH} ==")
+    trl_prep = [x["full_construct_s"] - x["baseline_8_construct_s"] for x in trl]
+    first, second = [x["first_s"] for x in ours], [x["second_s"] for x in ours]
+
+    def runs(values: list[float]) -> str:
+        return "  [" + ", ".join(f"{v:.2f}" for v in values) + "]"
+
     print(
-        f"TRL  SFTTrainer(...) construction, {n:,} examples: {trl['full_construct_s']:8.2f} s"
-        f"  (8 examples: {trl['baseline_8_construct_s']:.2f} s; difference {trl_prep:.2f} s;"
-        f" Dataset.from_list {trl['full_from_list_s']:.2f} s, not included)"
+        f"\n== dataset preparation: {n:,} examples, ChatML, max_length {MAX_LENGTH}; "
+        f"{len(ours)} alternating repeats, medians =="
     )
-    print(f"ours tokenize_split, first run (render + tokenise): {ours['first_s']:8.2f} s")
     print(
-        f"ours tokenize_split, second run:                    {ours['second_s']:8.2f} s"
-        f"  (tokenised cache entries after the runs: {ours['cache_entries']})"
+        f"TRL  SFTTrainer(...) construction, {n:,} examples:   "
+        f"{median(x['full_construct_s'] for x in trl):8.2f} s"
+        f"  (8 examples: {median(x['baseline_8_construct_s'] for x in trl):.2f} s;"
+        f" difference {median(trl_prep):.2f} s{runs(trl_prep)};"
+        f" Dataset.from_list {median(x['full_from_list_s'] for x in trl):.2f} s, not included)"
     )
-    if not ours["cache_entries"]:
+    print(
+        f"ours tokenize_split, first run (render + tokenise): {median(first):8.2f} s{runs(first)}"
+    )
+    entries = min(x["cache_entries"] for x in ours)
+    print(
+        f"ours tokenize_split, second run:                    {median(second):8.2f} s"
+        f"{runs(second)}  (tokenised cache entries after the runs: {entries})"
+    )
+    if not entries:
         print("     (no tokenised cache: the second run repeats the work)")
     print(
         f"     ours also renders the text; TRL gets it pre-rendered. load_records "
-        f"{ours['load_records_s']:.2f} s, not included"
+        f"{median(x['load_records_s'] for x in ours):.2f} s, not included"
     )
     for side in ("ours", "trl"):
-        x = r[side]
+        x = r[side][-1]
+        peak = max(y["peak_rss_kib"] for y in r[side])
         print(
             f"{side:4} {x['examples']:,} examples, {x['tokens']:,} tokens, "
-            f"{x['supervised']:,} supervised; child peak RSS {x['peak_rss_kib'] / 2**20:.2f} GiB"
+            f"{x['supervised']:,} supervised; child peak RSS {peak / 2**20:.2f} GiB"
         )
     print(
-        f"speed-up ours (first run) vs TRL construction: {trl_prep / ours['first_s']:.1f}x;"
-        f" cached: {trl_prep / ours['second_s']:.1f}x"
+        f"speed-up ours (first run) vs TRL construction: {median(trl_prep) / median(first):.1f}x;"
+        f" cached: {median(trl_prep) / median(second):.1f}x"
     )
-    report_mismatch("prep", trl["supervised"], ours["supervised"], "TRL", "ours")
+    report_mismatch("prep", trl[-1]["supervised"], ours[-1]["supervised"], "TRL", "ours")
 
 
 # ---------------------------------------------------------------- reporting
@@ -976,7 +993,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 print_group(key, p, sides, peaks[precision])
                 raw[key] = sides
         if "prep" in args.workloads:
-            raw["prep"] = run_prep(folders["tiny"], root, args.prep_examples)
+            raw["prep"] = run_prep(folders["tiny"], root, args.prep_examples, args.repeats)
             print_prep(args.prep_examples, raw["prep"])
         after = {name: matmul_peak_gflops(name) for name in PRECISIONS}
         raw["peak_gflops_after"] = after

@@ -138,28 +138,188 @@ def encode(rendered: Sequence[Rendered], tokenizer: Any) -> list[tuple[Feature, 
 def encode_flat(
     rendered: Sequence[Rendered], tokenizer: Any
 ) -> tuple[np.ndarray, np.ndarray, list[int], list[int]]:
-    """All ids and labels end to end, each conversation's length, and its straddle count."""
+    """All ids and labels end to end, each conversation's length, and its straddle count.
+
+    When the tokenizer's tokens tile the text byte for byte (:func:`token_byte_lengths`),
+    the ids come from one batched call that tracks no offsets, and each token's position is
+    the running sum of its tokens' byte lengths: the labels follow for the whole split in a
+    few array operations. Conversations that do not tile (a normalizer changed their text)
+    and other tokenizers go through the tokenizer's offsets instead; both give the same labels.
+    """
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError("instruct needs a fast (Rust) tokenizer for its offset mapping")
-    encodings = tokenizer.backend_tokenizer.encode_batch(
-        [r.text for r in rendered], add_special_tokens=False
-    )
+    backend = tokenizer.backend_tokenizer
+    texts = [r.text for r in rendered]
+    table = token_byte_lengths(backend)
+    if table is None or not hasattr(backend, "encode_batch_fast"):
+        return encode_with_offsets(rendered, backend.encode_batch(texts, add_special_tokens=False))
+    per_ids = [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    lengths = [len(x) for x in per_ids]
+    ids = np.fromiter(itertools.chain.from_iterable(per_ids), np.int32, sum(lengths))
+    del per_ids
+    bounds = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=bounds[1:])
+    # Byte position of every token in the texts laid end to end (one past the end: total).
+    position = np.zeros(len(ids) + 1, dtype=np.int64)
+    np.cumsum(table[ids], out=position[1:])
+    text_bytes = [len(t) if t.isascii() else len(t.encode("utf-8")) for t in texts]
+    tiled = position[bounds[1:]] - position[bounds[:-1]] == np.asarray(text_bytes, np.int64)
+    if backend.normalizer is not None:
+        tiled &= [backend.normalizer.normalize_str(t) == t for t in texts]
+    trained, straddles = trained_by_position(rendered, position, bounds, tiled)
+    untiled = np.flatnonzero(~tiled).tolist()
+    if untiled:
+        encodings = backend.encode_batch([texts[i] for i in untiled], add_special_tokens=False)
+        for i, e in zip(untiled, encodings, strict=True):
+            row, straddles[i] = trained_from_encoding(e, rendered[i].spans)
+            trained[bounds[i] : bounds[i + 1]] = row
+    return ids, np.where(trained, ids, IGNORE_INDEX).astype(np.int32), lengths, straddles
+
+
+def encode_with_offsets(
+    rendered: Sequence[Rendered], encodings: Sequence[Any]
+) -> tuple[np.ndarray, np.ndarray, list[int], list[int]]:
     per_ids = [e.ids for e in encodings]
     lengths = [len(x) for x in per_ids]
     ids = np.fromiter(itertools.chain.from_iterable(per_ids), np.int32, sum(lengths))
     trained = np.zeros(len(ids), dtype=bool)
     straddles, start = [], 0
     for r, e, n in zip(rendered, encodings, lengths, strict=True):
-        try:
-            ranges, k = trained_tokens(e, r.spans)
-            for a, b in ranges:
-                trained[start + a : start + b] = True
-        except LookupError:
-            row, k = labels_from_spans(e.ids, e.offsets, r.spans)
-            trained[start : start + n] = np.asarray(row) != IGNORE_INDEX
+        trained[start : start + n], k = trained_from_encoding(e, r.spans)
         straddles.append(k)
         start += n
     return ids, np.where(trained, ids, IGNORE_INDEX).astype(np.int32), lengths, straddles
+
+
+def trained_from_encoding(encoding: Any, spans: Sequence[Span]) -> tuple[np.ndarray, int]:
+    """One conversation's trained-token mask from its encoding's offsets; and its straddles."""
+    trained = np.zeros(len(encoding.ids), dtype=bool)
+    try:
+        ranges, k = trained_tokens(encoding, spans)
+        for a, b in ranges:
+            trained[a:b] = True
+    except LookupError:
+        row, k = labels_from_spans(encoding.ids, encoding.offsets, spans)
+        trained[:] = np.asarray(row, dtype=np.int64) != IGNORE_INDEX
+    return trained, k
+
+
+def trained_by_position(
+    rendered: Sequence[Rendered], position: np.ndarray, bounds: np.ndarray, tiled: np.ndarray
+) -> tuple[np.ndarray, list[int]]:
+    """The rule of :func:`labels_from_spans` over byte positions, for the tiled conversations.
+
+    A token is trained when its first byte lies in a span (spans begin and end on character
+    boundaries, so that is its first character's span, even for a token that starts inside
+    a multi-byte character). A token that begins before a span and covers its first byte
+    straddles it; it stays untrained and is counted once.
+    """
+    first, last, owner = [], [], []
+    for i in np.flatnonzero(tiled).tolist():
+        text, base = rendered[i].text, int(position[bounds[i]])
+        ascii_text = text.isascii()
+        for start, end in rendered[i].spans:
+            start, end = max(start, 0), min(end, len(text))
+            if end <= start:
+                continue
+            if not ascii_text:
+                start, end = len(text[:start].encode("utf-8")), len(text[:end].encode("utf-8"))
+            first.append(base + start)
+            last.append(base + end)
+            owner.append(i)
+    starts = position[:-1]
+    straddles = [0] * len(rendered)
+    if not first:
+        return np.zeros(len(starts), dtype=bool), straddles
+    first_at, end_at = np.asarray(first), np.asarray(last)
+    # Tokens [a, b) start inside the span: +1 at a, -1 at b, and a running sum marks them.
+    a = np.searchsorted(starts, first_at, side="left")
+    b = np.searchsorted(starts, end_at, side="left")
+    depth = np.zeros(len(starts) + 1, dtype=np.int32)
+    np.add.at(depth, a, 1)
+    np.add.at(depth, b, -1)
+    trained = np.cumsum(depth[:-1]) > 0
+    holder = a - 1  # the token holding a span's first byte, when none starts on it
+    inside = a < len(starts)
+    straddle = holder >= 0
+    straddle[inside] &= starts[a[inside]] != first_at[inside]
+    holders = np.unique(holder[straddle])
+    holders = holders[~trained[holders]]
+    if len(holders):
+        who = np.searchsorted(bounds, holders, side="right") - 1
+        for i, k in zip(*np.unique(who, return_counts=True), strict=True):
+            straddles[int(i)] = int(k)
+    return trained, straddles
+
+
+def token_byte_lengths(backend: Any) -> np.ndarray | None:
+    """Every token id's length in bytes, if tokens always tile the text they came from.
+
+    That holds for byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM and most recent models):
+    each vocabulary character stands for one byte, pre-tokenizers only split, and added
+    tokens match their own text. It does not hold for tokenizers that rewrite the text
+    (SentencePiece's ``▁``, BERT's splitting on whitespace, added tokens that eat the
+    spaces beside them); they get ``None`` and labels from offsets. A normalizer is checked
+    on each text by the caller, and every conversation's token bytes must sum to its length.
+    """
+    key = (
+        id(backend),
+        backend.get_vocab_size(with_added_tokens=True),
+        state(backend.pre_tokenizer),
+        state(backend.normalizer),
+    )
+    if _BYTE_LENGTHS and _BYTE_LENGTHS[0][0] == key and _BYTE_LENGTHS[0][1] is backend:
+        return _BYTE_LENGTHS[0][2]
+    table = byte_level_lengths(backend)
+    _BYTE_LENGTHS[:] = [(key, backend, table)]
+    return table
+
+
+_BYTE_LENGTHS: list[tuple[tuple, Any, np.ndarray | None]] = []  # the last tokenizer's table
+
+
+def state(component: Any) -> str | None:
+    return None if component is None else component.__getstate__().decode()
+
+
+def byte_level_lengths(backend: Any) -> np.ndarray | None:
+    model = backend.model
+    if type(model).__name__ != "BPE" or model.byte_fallback or model.dropout:
+        return None
+    if model.continuing_subword_prefix or model.end_of_word_suffix:
+        return None
+    if backend.pre_tokenizer is None or not splits_then_bytes(
+        json.loads(state(backend.pre_tokenizer))
+    ):
+        return None
+    added = backend.get_added_tokens_decoder()
+    if any(t.lstrip or t.rstrip for t in added.values()):
+        return None
+    vocab = backend.get_vocab(with_added_tokens=False)
+    size = max([*vocab.values(), *added, -1]) + 1
+    table = np.full(size, 1 << 32, dtype=np.int64)  # no text is that long: never tiles
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = set(ByteLevel.alphabet())
+    everything = set("".join(vocab)) <= alphabet
+    for token, i in vocab.items():
+        if everything or set(token) <= alphabet:
+            table[i] = len(token)
+    for i, t in added.items():
+        table[i] = len(t.content.encode("utf-8"))
+    return table
+
+
+def splits_then_bytes(spec: dict[str, Any]) -> bool:
+    """A pre-tokenizer that keeps every character and maps bytes to the byte-level alphabet."""
+    parts = spec.get("pretokenizers") if spec.get("type") == "Sequence" else [spec]
+    if not parts:
+        return False
+    lossless = {"ByteLevel", "Split", "Digits", "Punctuation"}
+    if any(p.get("type") not in lossless or p.get("behavior") == "Removed" for p in parts):
+        return False
+    levels = [p for p in parts if p["type"] == "ByteLevel"]
+    return len(levels) == 1 and not levels[0].get("add_prefix_space", False)
 
 
 def prepare(

@@ -126,31 +126,83 @@ def test_rendered_spans_outside_the_text_train_nothing(tokenizer):
     assert feature.supervised == 0
 
 
-def test_character_lookup_labels_equal_offset_labels_on_random_spans(tokenizer, templates):
-    """The fast path (a token lookup per span end) gives the labels and straddle counts of the
-    offset rule, for spans anywhere: mid-word, mid multi-byte character, empty, at the end."""
+def variant(tokenizer, kind: str):
+    """The tiny tokenizer rebuilt with one pipeline step changed, for the labelling paths."""
+    from tokenizers import AddedToken, Tokenizer, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    if kind == "nfc":  # tiles once the text is NFC: others fall back per conversation
+        backend.normalizer = normalizers.NFC()
+    elif kind == "split_then_bytes":  # Llama 3 / Qwen style
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(r"\p{N}{1,3}", "isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    elif kind == "metaspace":  # SentencePiece style: spaces become ▁, no byte tiling
+        backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    elif kind == "lstrip":  # an added token that takes the spaces before it
+        backend.add_special_tokens([AddedToken("<sep>", lstrip=True)])
+    elif kind == "prefix_space":
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token=tokenizer.eos_token,
+        chat_template=tokenizer.chat_template,
+    )
+
+
+TILES = {
+    "byte_level": True,
+    "nfc": True,
+    "split_then_bytes": True,
+    "metaspace": False,
+    "lstrip": False,
+    "prefix_space": False,
+}
+
+
+@pytest.mark.parametrize("kind", sorted(TILES))
+def test_byte_position_labels_equal_offset_labels_on_random_spans(tokenizer, templates, kind):
+    """Labels and straddle counts follow the offset rule whichever path a tokenizer takes:
+    byte positions for byte-level BPE (per conversation, when a normalizer leaves its text
+    alone), the tokenizer's offsets otherwise. Spans fall anywhere: mid-word, inside a
+    multi-byte character, empty, at the end."""
     import random
 
-    from instruct.tokenize import encode_flat
+    from instruct.tokenize import encode_flat, token_byte_lengths
 
+    tok = tokenizer if kind == "byte_level" else variant(tokenizer, kind)
+    assert (token_byte_lengths(tok.backend_tokenizer) is not None) == TILES[kind]
     rng = random.Random(0)
+    replies = [
+        *REPLIES.values(),
+        "Cafe\u0301 and cafe\u0301 are not NFC; caf\u00e9 is.",
+        "Before <sep> after, 12345 <|endoftext|> tail   ",
+        "\u4f60\u597d\uff0c\u4e16\u754c\u3002 \U0001f600\U0001f600 x\u200by",
+    ]
     texts = [
-        render(to_messages({"instruction": "Answer.", "output": reply}, t), t, tokenizer).text
+        render(to_messages({"instruction": "Answer.", "output": reply}, t), t, tok).text
         for t in templates.values()
-        for reply in REPLIES.values()
+        for reply in replies
     ]
     rendered = []
     for text in texts * 4:
         cuts = sorted(rng.sample(range(len(text) + 1), 6))
         spans = tuple((cuts[i], cuts[i + 1]) for i in range(0, 6, 2))
         rendered.append(Rendered(text, spans))
-    ids, labels, lengths, straddles = encode_flat(rendered, tokenizer)
+    rendered.append(Rendered("", ((0, 0),)))
+    rendered.append(Rendered("ab", ((1, 5), (7, 9))))  # past the end of the text
+    ids, labels, lengths, straddles = encode_flat(rendered, tok)
+    assert len(ids) == len(labels) == sum(lengths)
     start = 0
     for r, n, k in zip(rendered, lengths, straddles, strict=True):
-        enc = tokenizer(r.text, add_special_tokens=False, return_offsets_mapping=True)
+        enc = tok(r.text, add_special_tokens=False, return_offsets_mapping=True)
         expected, expected_k = labels_from_spans(enc["input_ids"], enc["offset_mapping"], r.spans)
         assert ids[start : start + n].tolist() == enc["input_ids"]
         assert labels[start : start + n].tolist() == expected, r
-        assert k == expected_k
+        assert k == expected_k, r
         start += n
     assert sum(straddles) > 0  # mid-word cuts do occur, so the straddle rule was exercised
