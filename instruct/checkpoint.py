@@ -15,6 +15,11 @@ Under FSDP the weights and the optimizer state are sharded (DTensors, a slice on
 Every process then calls the save functions: each sharded tensor is gathered whole, one at a
 time, the main process writes, and the files are the ones a single process writes. Loading
 gives each process its own slice of the whole tensors it reads.
+
+Under DeepSpeed ZeRO (stages 1 and 2) the fp32 master weights and the optimizer's moments
+live in flat partitions, a part on each process. They are saved the same way: gathered whole
+for each parameter (DeepSpeed's ``safe_get_full_*``), into the files and layout a single
+process writes (torch's own optimizer state), and put back into the partitions on resume.
 """
 
 from __future__ import annotations
@@ -117,7 +122,7 @@ def save_checkpoint(
 
     A sharded (FSDP) model: every process calls this, and only the ``writer`` writes.
     """
-    weights = whole_weights(model, writer) if is_sharded(model) else None
+    weights = whole_weights(model, writer) if is_sharded(model) or zero_managed(model) else None
     if not writer:
         return
 
@@ -192,12 +197,17 @@ def whole_weights(model: Any, keep: bool) -> dict[str, torch.Tensor]:
         names = [name for name in names if id(local[name]) in picked]
     # A weight tied to another (the output layer to the embeddings) is gathered once, and
     # stays one tensor, which save_pretrained then writes once.
-    owner: dict[str, Any] = {n: id(p) for n, p in model.named_parameters(remove_duplicate=False)}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    owner: dict[str, Any] = {n: id(p) for n, p in params.items()}
     gathered: dict[Any, torch.Tensor | None] = {}
     for name in names:
         key = owner.get(name, name)
         if key not in gathered:
-            gathered[key] = whole(local[name], keep)
+            param = params.get(name)
+            if param is not None and has_master(param):
+                gathered[key] = master(param, keep)
+            else:
+                gathered[key] = whole(local[name], keep)
     return {name: gathered[owner.get(name, name)] for name in names} if keep else {}
 
 
@@ -206,8 +216,10 @@ def trainable_weights(model: Any, keep: bool) -> dict[str, torch.Tensor]:
     if is_sharded(model):
         reshard(model)
     trained = {
-        name: whole(p, keep) for name, p in model.named_parameters() if p.requires_grad
-    }  # fmt: skip
+        name: master(p, keep) if has_master(p) else whole(p, keep)
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
     return {name: t.contiguous() for name, t in trained.items()} if keep else {}
 
 
@@ -215,6 +227,9 @@ def optimizer_state(optimizer: Any, keep: bool) -> dict[str, Any]:
     """``optimizer.state_dict()`` with every tensor whole, as one process would have it (where
     ``keep``). Under FSDP each moment (``exp_avg``, ...) is a DTensor sliced like its
     parameter, gathered here in the state dict's order, the same on every process."""
+    zero = zero_optimizer(optimizer)
+    if zero is not None:
+        return zero_optimizer_state(zero, keep)
     state = optimizer.state_dict()
     if not any(_has_dtensor(values) for values in state["state"].values()):
         return state if keep else {}
@@ -252,6 +267,125 @@ def shard_optimizer_state(state: dict[str, Any], optimizer: Any) -> dict[str, An
             for key, v in values.items()
         }  # the step count (a scalar) stays as it is
     return {**state, "state": moments}
+
+
+# ---------------------------------------------------------------- DeepSpeed ZeRO stages 1-2
+
+
+def has_master(param: Any) -> bool:
+    """Whether DeepSpeed keeps ``param``'s fp32 master copy, partitioned, in its optimizer
+    (every process's parameter carries the mark, even one holding none of it)."""
+    return hasattr(param, "_hp_mapping")
+
+
+def zero_managed(model: Any) -> bool:
+    return any(has_master(p) for p in model.parameters())
+
+
+def master(param: Any, keep: bool) -> torch.Tensor | None:
+    """``param``'s fp32 master weights, whole (on the CPU, where ``keep``). Every process must
+    call this, in the same order: the parts are added up over all of them."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    full = safe_get_full_fp32_param(param)
+    return full.detach().cpu() if keep else None
+
+
+def zero_optimizer(optimizer: Any) -> Any:
+    """DeepSpeed's ZeRO (stage 1-2) or bf16 optimizer behind Accelerate's wrapper, or None."""
+    inner = getattr(optimizer, "optimizer", None)
+    if hasattr(inner, "bit16_groups") or hasattr(inner, "bf16_groups"):
+        return inner
+    return None
+
+
+def zero_groups(zero: Any) -> list[list[Any]]:
+    """The model's parameters in each group, in the order the optimizer was given them."""
+    groups = getattr(zero, "bit16_groups", None)
+    return groups if groups is not None else zero.bf16_groups
+
+
+def zero_optimizer_state(zero: Any, keep: bool) -> dict[str, Any]:
+    """The state ``torch.optim`` would give for the model's own parameters: each moment whole,
+    by parameter index in group order. DeepSpeed's optimizer holds it for flat partitions of
+    all the parameters; every process calls this (each moment is gathered from all)."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    base = zero.optimizer  # torch's optimizer, over this process's flat fp32 partitions
+    flats = [p for g in base.param_groups for p in g["params"]]
+    sample = next((base.state[p] for p in flats if p in base.state), {})
+    if sample:
+        link_moments(zero)
+    state: dict[int, dict[str, Any]] = {}
+    groups, index = [], 0
+    for group, params in zip(base.param_groups, zero_groups(zero), strict=True):
+        indices = []
+        for param in params:
+            entry: dict[str, Any] = {}
+            for key, value in sample.items():
+                if torch.is_tensor(value) and value.dim() > 0:  # a moment, partitioned
+                    full = safe_get_full_optimizer_state(param, key)
+                    entry[key] = full.detach().cpu() if keep else None
+                else:  # the step count, the same for every parameter
+                    entry[key] = value.detach().cpu().clone() if torch.is_tensor(value) else value
+            if entry:
+                state[index] = entry
+            indices.append(index)
+            index += 1
+        groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": indices})
+    return {"state": state, "param_groups": groups} if keep else {}
+
+
+def link_moments(zero: Any) -> None:
+    """Point each parameter at its part of the optimizer's moments.
+
+    DeepSpeed (0.19) links them once, right after the first group's first step, when the
+    other groups have no moments yet: with several parameter groups (weight decay on the
+    matrices, none on norms and biases) those others stay unlinked and ``exp_avg`` is "not
+    found" for them. Linking again once every group has stepped fixes that.
+    """
+    zero._hp_optimizer_states_linked = False
+    zero._lazy_init_hp_params_optimizer_state()
+
+
+def load_zero_state(
+    zero: Any, saved: dict[str, Any], weights: dict[int, torch.Tensor], where: Path
+) -> None:
+    """Put a whole optimizer state (:func:`zero_optimizer_state`'s layout, or a single
+    process's) and the trained weights (by parameter index) into DeepSpeed's partitions."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    base, groups = zero.optimizer, zero_groups(zero)
+    sizes = [len(g["params"]) for g in saved["param_groups"]]
+    if sizes != [len(g) for g in groups]:
+        raise ValueError(
+            f"{where}: its optimizer has parameter groups of {sizes} parameters; this run's has "
+            f"{[len(g) for g in groups]}"
+        )
+    for group, saved_group in zip(base.param_groups, saved["param_groups"], strict=True):
+        group.update({k: v for k, v in saved_group.items() if k != "params"})
+    params = [p for g in groups for p in g]
+    entries = saved["state"]
+    if entries:
+        # torch's optimizer makes its state at the first step: make it now, for the flat
+        # partitions, so that DeepSpeed can point each parameter at its part of it.
+        sample = next(iter(entries.values()))
+        for group in base.param_groups:
+            for flat in group["params"]:
+                base.state[flat] = {
+                    key: torch.zeros_like(flat)
+                    if torch.is_tensor(v) and v.dim() > 0
+                    else (v.clone().to(flat.device) if torch.is_tensor(v) else v)
+                    for key, v in sample.items()
+                }
+        link_moments(zero)
+        for index, param in enumerate(params):
+            for key, value in entries.get(index, {}).items():
+                if torch.is_tensor(value) and value.dim() > 0:
+                    safe_set_full_optimizer_state(param, value, key)
+    for index, param in enumerate(params):
+        if index in weights:
+            safe_set_full_fp32_param(param, weights[index].float())
 
 
 def write_config(folder: Path, cfg: DictConfig) -> None:
@@ -372,7 +506,13 @@ def load_state(path: Path, model: Any, optimizer: Any, scheduler: Any, scaler: A
         for name, p in params.items():
             p.copy_(like(trained[name], p))
     extra = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(shard_optimizer_state(extra["optimizer"], optimizer))
+    zero = zero_optimizer(optimizer)
+    if zero is not None:  # the fp32 masters and moments live in DeepSpeed's partitions
+        index = {id(p): i for i, p in enumerate(p for g in zero_groups(zero) for p in g)}
+        weights = {index[id(p)]: trained[name] for name, p in params.items() if id(p) in index}
+        load_zero_state(zero, extra["optimizer"], weights, path / OPTIMIZER_FILE)
+    else:
+        optimizer.load_state_dict(shard_optimizer_state(extra["optimizer"], optimizer))
     scheduler.load_state_dict(extra["scheduler"])
     if scaler is not None and extra["scaler"] is not None:
         scaler.load_state_dict(extra["scaler"])

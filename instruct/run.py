@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from instruct.config import CONFIG_MODULE, HYDRA_VERSION_BASE, register_schemas
 from instruct.sweep import NEW_SWEEP_FLAG, continue_sweep, override_values, sweep_folder
-from instruct.train import cpu_only_launch, train
+from instruct.train import join_launch, train
 
 
 @hydra.main(
@@ -47,7 +47,6 @@ def agree_on_run_folder(argv: list[str]) -> list[str]:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return continue_sweep(argv)
     import torch.distributed as dist
-    from accelerate import PartialState
 
     new_sweep = NEW_SWEEP_FLAG in argv
     argv = [a for a in argv if a != NEW_SWEEP_FLAG]
@@ -59,7 +58,7 @@ def agree_on_run_folder(argv: list[str]) -> list[str]:
     given = any(a.startswith(f"{key}=") for a in argv)
     extra = []
     if not given or multirun:
-        PartialState(cpu=cpu_only_launch())  # joins the launcher's process group
+        join_launch()  # the launcher's process group
         # (folder, refusal): the main process decides, every process follows
         choice = [(None if given else f"{base}/{time.strftime('%Y-%m-%d/%H-%M-%S')}", None)]
         if multirun and main_process and not new_sweep:

@@ -466,6 +466,7 @@ def new_accelerator(mixed_precision: str) -> Any:
         AcceleratorState._reset_state()
     cpu = cpu_only_launch()
     if not AcceleratorState._shared_state:
+        join_launch()
         offer_fsdp(cpu)
     return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
 
@@ -492,30 +493,59 @@ def offer_fsdp(cpu: bool) -> None:
         PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
 
 
+def join_launch() -> Any:
+    """This process's Accelerate ``PartialState``, in the launcher's process group.
+
+    A launch on a machine without GPUs joins over gloo (:func:`cpu_only_launch`). Under
+    DeepSpeed, Accelerate 1.15 starts the engine only for processes that did not ask for
+    ``cpu=True``, and without a GPU it then finds no backend: DeepSpeed joins the processes
+    but Accelerate counts one, and each would train alone. Naming gloo keeps both counts.
+    """
+    from accelerate import PartialState
+
+    if is_deepspeed_launch(os.environ) and not accelerator_available():
+        return PartialState(cpu=False, backend="gloo")
+    return PartialState(cpu=cpu_only_launch())
+
+
 def is_fsdp(accelerator: Any) -> bool:
     """Whether ``accelerator`` shards the model with FSDP (every forward then needs every
     process, and saves gather the shards)."""
     return str(accelerator.distributed_type).rsplit(".", 1)[-1] == "FSDP"
 
 
-def refuse_deepspeed(environ: Mapping[str, str]) -> None:
-    """A DeepSpeed launch (``accelerate launch`` with a DeepSpeed config sets
-    ``ACCELERATE_USE_DEEPSPEED``) is refused before anything is built, with the reason.
+def is_deepspeed_launch(environ: Mapping[str, str]) -> bool:
+    return environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
-    DeepSpeed's engine steps the optimizer inside ``backward`` and counts accumulation steps
-    itself, keeps the optimizer state partitioned in its own format, and under ZeRO-3 hands
-    the weights out only as a 16-bit copy: the loop's token-weighted accumulation, its
-    checkpoints (whole fp32 state that one process loads) and exact resume do not fit that
-    yet, and no DeepSpeed run of this loop has been checked (see the README).
+
+def is_deepspeed(accelerator: Any) -> bool:
+    """Whether ``accelerator`` runs the model in a DeepSpeed engine."""
+    return str(accelerator.distributed_type).rsplit(".", 1)[-1] == "DEEPSPEED"
+
+
+def hand_over_to_deepspeed(accelerator: Any, t: Any, max_grad_norm: float | None) -> int:
+    """Put the run's batch, accumulation and clipping into the DeepSpeed config (its
+    ``auto`` values would be Accelerate's defaults, not ours); the ZeRO stage.
+
+    Stage 3 is refused before anything is partitioned: its weights exist only as shards
+    gathered inside DeepSpeed's hooks, which this loop's checkpoints, validation and
+    samples do not go through; FSDP (conf/accelerate/fsdp.yaml) shards a model instead.
     """
-    if environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+    plugin = accelerator.state.deepspeed_plugin
+    stage = int(plugin.zero_stage or 0)
+    if stage >= 3:
         raise NotImplementedError(
-            "accelerate launch with DeepSpeed: not supported by this trainer (its engine owns "
-            "the optimizer step, accumulation and a partitioned optimizer state, which the "
-            "loop's checkpoints and exact resume do not handle yet). To shard a model that "
-            "does not fit one GPU, launch with conf/accelerate/fsdp.yaml; while it fits, "
-            "conf/accelerate/ddp.yaml or torchrun"
+            "accelerate launch with DeepSpeed ZeRO stage 3: not supported by this trainer (its "
+            "checkpoints, validation and samples need the weights whole). To shard the model "
+            "itself, launch with conf/accelerate/fsdp.yaml; ZeRO stage 1 or 2 "
+            "(conf/accelerate/deepspeed_zero2.yaml) splits the optimizer state and gradients"
         )
+    config = plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = t.batch_size
+    config["gradient_accumulation_steps"] = t.grad_accum
+    config["train_batch_size"] = t.batch_size * t.grad_accum * accelerator.num_processes
+    config["gradient_clipping"] = float(max_grad_norm or 0.0)  # 0: DeepSpeed does not clip
+    return stage
 
 
 class WholeForward(torch.nn.Module):
@@ -561,12 +591,16 @@ def cpu_only_launch() -> bool:
     """Whether this is one of several processes (torchrun, accelerate launch) on a machine
     without an accelerator. Accelerate then needs ``cpu=True`` to join them with gloo:
     without it, each process would train alone."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or is_deepspeed_launch(os.environ):
+        return False  # DeepSpeed: see deepspeed_over_gloo
+    return not accelerator_available()
+
+
+def accelerator_available() -> bool:
     accelerator = getattr(torch, "accelerator", None)
     if accelerator is not None:
-        return not accelerator.is_available()
-    return not torch.cuda.is_available()
+        return accelerator.is_available()
+    return torch.cuda.is_available()
 
 
 def setup(cfg: DictConfig) -> Run:
@@ -584,7 +618,6 @@ def setup(cfg: DictConfig) -> Run:
     set_seed(cfg.seed)
     if t.keep_freed_memory and keep_freed_memory():
         log.info("trainer.keep_freed_memory: freed memory is reused, not returned to the OS")
-    refuse_deepspeed(os.environ)
     accelerator = new_accelerator(PRECISIONS[t.precision])
 
     with accelerator.local_main_process_first():  # converted-model cache: one writer a node
@@ -623,17 +656,22 @@ def setup(cfg: DictConfig) -> Run:
         100 * trainable / total,
     )
     steps = total_steps(cfg, len(train_set), accelerator.num_processes)
-    fsdp = is_fsdp(accelerator)
-    if fsdp:  # before sharding: FSDP would gather the weights in the compute dtype (bf16)
+    fsdp, deepspeed = is_fsdp(accelerator), is_deepspeed(accelerator)
+    if deepspeed:
+        hand_over_to_deepspeed(accelerator, t, cfg.optimizer.max_grad_norm)
+    if fsdp or deepspeed:  # before either casts the weights to the compute dtype (bf16)
         packed = t.packing and main_decides(accelerator, lambda: trust_packing(
             model, train_set, tokenizer.pad_token_id, "cpu", attention))  # fmt: skip
-        if t.precision == "bf16":  # sharded as stored: the frozen base in half the memory
-            cast_frozen(model, torch.bfloat16)
+    if fsdp and t.precision == "bf16":  # sharded as stored: the frozen base in half the memory
+        cast_frozen(model, torch.bfloat16)
     optimizer = build_optimizer(model, cfg.optimizer)
     scheduler = build_scheduler(optimizer, cfg.optimizer, steps)
+    # Under DeepSpeed, the model comes back as its engine, which steps the optimizer itself
+    # (:meth:`Run.step_once`), and with bf16 holds every weight in bf16 and fp32 copies of
+    # the trained ones in the optimizer.
     model, optimizer = accelerator.prepare(model, optimizer)
     held = local_parameters(model)  # before any forward gathers some
-    if not fsdp:
+    if not (fsdp or deepspeed):
         packed = t.packing and trust_packing(
             accelerator.unwrap_model(model), train_set, tokenizer.pad_token_id,
             accelerator.device, attention,
@@ -802,6 +840,15 @@ class Run:
         return is_fsdp(self.accelerator)
 
     @functools.cached_property
+    def deepspeed(self) -> bool:
+        return is_deepspeed(self.accelerator)
+
+    @property
+    def collective(self) -> bool:
+        """Whether saving the model needs every process (FSDP shards, DeepSpeed's masters)."""
+        return self.fsdp or self.deepspeed
+
+    @functools.cached_property
     def scorer(self) -> Any:
         """What losses are taken with: the prepared model, or under FSDP its root's own
         forward (:class:`WholeForward`), which every process runs in step."""
@@ -835,7 +882,7 @@ class Run:
             self.log_samples(step)
         if math.isfinite(val_loss) and val_loss < self.best_val_loss:
             self.best_val_loss, self.best_step = val_loss, step
-            if t.save_best and (main or self.fsdp):  # FSDP: every process gathers its share
+            if t.save_best and (main or self.collective):  # each process gathers its share
                 model = self.accelerator.unwrap_model(self.model)
                 state = {"step": step, "val_loss": val_loss}
                 save_checkpoint(self.best_dir, model, self.tokenizer, self.cfg, state, main)
@@ -881,20 +928,30 @@ class Run:
                 mine, weight = mb[:1], 0.0
             inputs = to_device(batch(mine, pad_id, self.packed), device)
             last = k == len(micro_batches) - 1
-            with nullcontext() if last else self.accelerator.no_sync(self.model):
+            with nullcontext() if last or self.deepspeed else self.accelerator.no_sync(self.model):
                 with self.accelerator.autocast():
                     loss, _ = loss_sum(self.scorer, inputs, self.cfg.trainer.fused_loss)
-                # DDP and FSDP average gradients over processes; times world, they add up.
-                self.accelerator.backward(loss * (weight * world / n_sup))
+                # DDP, FSDP and DeepSpeed average gradients over processes; times world,
+                # they add up.
+                scaled = loss * (weight * world / n_sup)
+                if self.deepspeed:  # the engine's own backward: it reduces at the boundary
+                    self.model.set_gradient_accumulation_boundary(last)
+                    self.model.backward(scaled, scale_wrt_gas=False)  # already token-weighted
+                else:
+                    self.accelerator.backward(scaled)
             total += loss.item() * weight
         (total,) = all_ranks_sum(self.accelerator, total)
-        max_norm = self.cfg.optimizer.max_grad_norm or math.inf
-        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
-        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, the same on every process
-            grad_norm = grad_norm.full_tensor()
-        self.optimizer.step()
+        if self.deepspeed:  # clips (its gradient_clipping), steps and zeroes the gradients
+            self.model.step()
+            grad_norm = self.model.get_global_grad_norm()
+        else:
+            max_norm = self.cfg.optimizer.max_grad_norm or math.inf
+            grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, the same on every process
+                grad_norm = grad_norm.full_tensor()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         return total / n_sup, n_sup, float(grad_norm)
 
     def loop(self) -> dict[str, Any]:

@@ -155,13 +155,26 @@ def test_steps_count_the_examples_every_process_takes():
     assert total_steps(cfg, 30, 1) == 15 and total_steps(cfg, 30, 2) == 8
 
 
-def test_deepspeed_launches_are_refused_with_the_reason():
-    from instruct.train import refuse_deepspeed
+def test_deepspeed_zero3_is_refused_with_the_reason_and_our_settings_are_handed_over():
+    from types import SimpleNamespace
 
-    with pytest.raises(NotImplementedError, match="DeepSpeed: not supported.*fsdp.yaml"):
-        refuse_deepspeed({"ACCELERATE_USE_DEEPSPEED": "true"})
-    refuse_deepspeed({"ACCELERATE_USE_FSDP": "true"})
-    refuse_deepspeed({})
+    from instruct.train import hand_over_to_deepspeed
+
+    def accelerator(stage):
+        plugin = SimpleNamespace(zero_stage=stage, deepspeed_config={"train_batch_size": "auto"})
+        return SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin), num_processes=4)
+
+    t = SimpleNamespace(batch_size=3, grad_accum=2)
+    with pytest.raises(NotImplementedError, match="ZeRO stage 3.*fsdp.yaml"):
+        hand_over_to_deepspeed(accelerator(3), t, 1.0)
+    two = accelerator(2)
+    assert hand_over_to_deepspeed(two, t, None) == 2
+    assert two.state.deepspeed_plugin.deepspeed_config == {
+        "train_batch_size": 24,
+        "train_micro_batch_size_per_gpu": 3,
+        "gradient_accumulation_steps": 2,
+        "gradient_clipping": 0.0,  # no optimizer.max_grad_norm: DeepSpeed must not clip
+    }
 
 
 def fsdp_unavailable() -> str | None:
@@ -279,6 +292,107 @@ def test_an_fsdp_run_resumes_under_the_launcher(toy_tmp):
     assert "resuming from" in done.stdout + done.stderr
     resumed = json.loads((cut / "results.json").read_text())
     assert (resumed["world_size"], resumed["distributed_type"]) == (2, "FSDP")
+    assert close(resumed["train_loss_history"], whole["train_loss_history"], rel=1e-6)
+    assert close(resumed["val_loss_history"], whole["val_loss_history"], rel=1e-6)
+    name = "checkpoints/step-00000006/trainable.safetensors"
+    a, b = load_file(cut / name), load_file(whole_dir / name)
+    assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() <= 1e-6 for k in a)
+
+
+def deepspeed_unavailable() -> str | None:
+    """Why DeepSpeed cannot run here, or None."""
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        return "DeepSpeed is not installed (pip install --no-build-isolation deepspeed)"
+    return fsdp_unavailable()  # gloo, as for FSDP
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(deepspeed_unavailable() is not None, reason=str(deepspeed_unavailable()))
+def test_deepspeed_zero2_equals_one_process_and_saves_whole_checkpoints(toy_tmp, one_lora):
+    """conf/accelerate/deepspeed_zero2.yaml through `accelerate launch`, 2 processes on the
+    CPU: DeepSpeed's engine trains (and steps the optimizer itself) with one process's
+    losses, also with accumulation; the checkpoints hold whole tensors, in the layout one
+    process writes, and one process loads them."""
+    import torch
+    from safetensors.torch import load_file
+
+    from instruct.checkpoint import load_checkpoint
+    from instruct.data import load_splits
+    from instruct.train import evaluate, tokenize_split
+
+    one_dir, one = one_lora
+    two_dir, two = launch(toy_tmp, "zero2", 2, *LORA, "trainer.batch_size=2",
+                          config="deepspeed_zero2.yaml")  # fmt: skip
+    _, accum = launch(toy_tmp, "zero2-accum", 2, *LORA, "trainer.batch_size=1",
+                      "trainer.grad_accum=2", config="deepspeed_zero2.yaml")  # fmt: skip
+    # Full fine-tuning: two parameter groups (no weight decay on norms), tied embeddings.
+    full_one_dir, full_one = launch(toy_tmp, "zero2-full-one", 1, "trainer.batch_size=4")
+    full_dir, full = launch(toy_tmp, "zero2-full", 2, "trainer.batch_size=2",
+                            config="deepspeed_zero2.yaml")  # fmt: skip
+    for run, reference in ((two, one), (accum, one), (full, full_one)):
+        assert (run["world_size"], run["distributed_type"]) == (2, "DEEPSPEED")
+        assert close(run["train_loss_history"], reference["train_loss_history"])
+        assert close(run["val_loss_history"], reference["val_loss_history"])
+        assert reference["train_loss_history"][-1][1] < reference["train_loss_history"][0][1]
+    samples = (two_dir / "samples.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in samples] == [0, 3, 6]
+
+    for mine_dir, their_dir in ((two_dir, one_dir), (full_dir, full_one_dir)):
+        (best,) = (mine_dir / "checkpoints/best").glob("*.safetensors")
+        for name in (f"best/{best.name}", "step-00000006/trainable.safetensors"):
+            mine, theirs = (load_file(d / "checkpoints" / name) for d in (mine_dir, their_dir))
+            assert mine.keys() == theirs.keys() and mine
+            for key, tensor in mine.items():
+                torch.testing.assert_close(tensor, theirs[key], rtol=0, atol=1e-4)
+        step = "checkpoints/step-00000006/optimizer.pt"
+        saved = torch.load(mine_dir / step, weights_only=True)["optimizer"]
+        reference = torch.load(their_dir / step, weights_only=True)["optimizer"]
+        assert [g["params"] for g in saved["param_groups"]] == [
+            g["params"] for g in reference["param_groups"]
+        ]
+        moments, expected = saved["state"], reference["state"]
+        assert moments.keys() == expected.keys() and moments
+        for index, state in moments.items():
+            assert state.keys() == expected[index].keys()
+            for key, value in state.items():
+                torch.testing.assert_close(value, expected[index][key], rtol=1e-3, atol=1e-6)
+
+    # The best checkpoint, loaded by one process, gives the validation loss it was saved at.
+    model, tokenizer, cfg = load_checkpoint(two_dir / "checkpoints" / "best")
+    _, val_examples = load_splits(cfg.data, cfg.seed)
+    val_set, _ = tokenize_split(val_examples, cfg, tokenizer)
+    val_loss = evaluate(model, val_set, 2, tokenizer.pad_token_id, "cpu")
+    assert two["best_step"] == 6
+    assert abs(val_loss - two["best_val_loss"]) <= 1e-5 * two["best_val_loss"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(deepspeed_unavailable() is not None, reason=str(deepspeed_unavailable()))
+def test_a_deepspeed_run_resumes_under_the_launcher(toy_tmp):
+    """A 2-process ZeRO-2 run cut off after its step-4 checkpoint, relaunched with
+    trainer.resume=auto, ends as the whole run did: DeepSpeed's partitions of the fp32
+    weights and of the optimizer's moments are refilled from the whole tensors (LoRA dropout
+    on, so each process's RNG state must come back too)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    steps = ["trainer.batch_size=2", "lora=default", "lora.dropout=0.1",
+             "trainer.checkpoint_every=2"]  # fmt: skip
+    whole_dir, whole = launch(toy_tmp, "zero2-whole", 2, *steps, config="deepspeed_zero2.yaml")
+    cut = toy_tmp / "zero2-cut-4"
+    shutil.copytree(whole_dir, cut)
+    for later in ("checkpoints/step-00000006", "results.json"):
+        shutil.rmtree(cut / later) if (cut / later).is_dir() else (cut / later).unlink()
+    cmd, env = command(toy_tmp, 2, *steps, f"hydra.run.dir={cut}", "trainer.resume=auto",
+                       config="deepspeed_zero2.yaml")  # fmt: skip
+    done = subprocess.run(cmd, cwd=toy_tmp, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert "resuming from" in done.stdout + done.stderr
+    resumed = json.loads((cut / "results.json").read_text())
+    assert (resumed["world_size"], resumed["distributed_type"]) == (2, "DEEPSPEED")
     assert close(resumed["train_loss_history"], whole["train_loss_history"], rel=1e-6)
     assert close(resumed["val_loss_history"], whole["val_loss_history"], rel=1e-6)
     name = "checkpoints/step-00000006/trainable.safetensors"
