@@ -592,7 +592,7 @@ def cpu_only_launch() -> bool:
     without an accelerator. Accelerate then needs ``cpu=True`` to join them with gloo:
     without it, each process would train alone."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or is_deepspeed_launch(os.environ):
-        return False  # DeepSpeed: see deepspeed_over_gloo
+        return False  # DeepSpeed: see join_launch
     return not accelerator_available()
 
 
@@ -943,7 +943,8 @@ class Run:
         (total,) = all_ranks_sum(self.accelerator, total)
         if self.deepspeed:  # clips (its gradient_clipping), steps and zeroes the gradients
             self.model.step()
-            grad_norm = self.model.get_global_grad_norm()
+            grad_norm = self.model.get_global_grad_norm()  # None: a step fp16 overflow skipped
+            grad_norm = math.nan if grad_norm is None else grad_norm
         else:
             max_norm = self.cfg.optimizer.max_grad_norm or math.inf
             grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)

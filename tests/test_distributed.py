@@ -177,6 +177,19 @@ def test_deepspeed_zero3_is_refused_with_the_reason_and_our_settings_are_handed_
     }
 
 
+def assert_best_loads_in_one_process(run_dir: Path, best_val_loss: float) -> None:
+    """The best checkpoint, loaded by one process, gives the validation loss it was saved at."""
+    from instruct.checkpoint import load_checkpoint
+    from instruct.data import load_splits
+    from instruct.train import evaluate, tokenize_split
+
+    model, tokenizer, cfg = load_checkpoint(run_dir / "checkpoints" / "best")
+    _, val_examples = load_splits(cfg.data, cfg.seed)
+    val_set, _ = tokenize_split(val_examples, cfg, tokenizer)
+    val_loss = evaluate(model, val_set, 2, tokenizer.pad_token_id, "cpu")
+    assert abs(val_loss - best_val_loss) <= 1e-5 * best_val_loss
+
+
 def fsdp_unavailable() -> str | None:
     """Why FSDP cannot run on this machine's CPUs, or None."""
     import torch
@@ -223,10 +236,6 @@ def test_fsdp_shards_lora_training_and_saves_whole_checkpoints(toy_tmp, one_lora
     import torch
     from safetensors.torch import load_file
 
-    from instruct.checkpoint import load_checkpoint
-    from instruct.data import load_splits
-    from instruct.train import evaluate, tokenize_split
-
     one_dir, one = one_lora
     two_dir, two = launch(toy_tmp, "fsdp", 2, *LORA, "trainer.batch_size=2",
                           config="fsdp.yaml")  # fmt: skip
@@ -256,47 +265,8 @@ def test_fsdp_shards_lora_training_and_saves_whole_checkpoints(toy_tmp, one_lora
         for key, value in state.items():
             assert type(value) is torch.Tensor and value.shape == expected[index][key].shape
 
-    # The best checkpoint, loaded by one process, gives the validation loss it was saved at.
-    model, tokenizer, cfg = load_checkpoint(two_dir / "checkpoints" / "best")
-    _, val_examples = load_splits(cfg.data, cfg.seed)
-    val_set, _ = tokenize_split(val_examples, cfg, tokenizer)
-    val_loss = evaluate(model, val_set, 2, tokenizer.pad_token_id, "cpu")
     assert two["best_step"] == 6
-    assert abs(val_loss - two["best_val_loss"]) <= 1e-5 * two["best_val_loss"]
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(fsdp_unavailable() is not None, reason=str(fsdp_unavailable()))
-def test_an_fsdp_run_resumes_under_the_launcher(toy_tmp):
-    """A 2-process FSDP run cut off after its step-4 checkpoint (a copy of its folder without
-    what came later), relaunched with trainer.resume=auto, ends as the whole run did: every
-    process gets its slice of the saved weights and optimizer state back (LoRA dropout on,
-    so each process's RNG state must come back too)."""
-    import shutil
-
-    from safetensors.torch import load_file
-
-    steps = ["trainer.batch_size=2", "lora=default", "lora.dropout=0.1",
-             "trainer.checkpoint_every=2"]  # fmt: skip
-    whole_dir, whole = launch(toy_tmp, "fsdp-whole", 2, *steps, config="fsdp.yaml")
-    cut = toy_tmp / "fsdp-cut"
-    shutil.copytree(whole_dir, cut)
-    for later in ("checkpoints/step-00000006", "results.json"):
-        shutil.rmtree(cut / later) if (cut / later).is_dir() else (cut / later).unlink()
-    assert (cut / "checkpoints/step-00000004").is_dir()
-
-    cmd, env = command(toy_tmp, 2, *steps, f"hydra.run.dir={cut}", "trainer.resume=auto",
-                       config="fsdp.yaml")  # fmt: skip
-    done = subprocess.run(cmd, cwd=toy_tmp, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    assert "resuming from" in done.stdout + done.stderr
-    resumed = json.loads((cut / "results.json").read_text())
-    assert (resumed["world_size"], resumed["distributed_type"]) == (2, "FSDP")
-    assert close(resumed["train_loss_history"], whole["train_loss_history"], rel=1e-6)
-    assert close(resumed["val_loss_history"], whole["val_loss_history"], rel=1e-6)
-    name = "checkpoints/step-00000006/trainable.safetensors"
-    a, b = load_file(cut / name), load_file(whole_dir / name)
-    assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() <= 1e-6 for k in a)
+    assert_best_loads_in_one_process(two_dir, two["best_val_loss"])
 
 
 def deepspeed_unavailable() -> str | None:
@@ -317,10 +287,6 @@ def test_deepspeed_zero2_equals_one_process_and_saves_whole_checkpoints(toy_tmp,
     process writes, and one process loads them."""
     import torch
     from safetensors.torch import load_file
-
-    from instruct.checkpoint import load_checkpoint
-    from instruct.data import load_splits
-    from instruct.train import evaluate, tokenize_split
 
     one_dir, one = one_lora
     two_dir, two = launch(toy_tmp, "zero2", 2, *LORA, "trainer.batch_size=2",
@@ -359,40 +325,52 @@ def test_deepspeed_zero2_equals_one_process_and_saves_whole_checkpoints(toy_tmp,
             for key, value in state.items():
                 torch.testing.assert_close(value, expected[index][key], rtol=1e-3, atol=1e-6)
 
-    # The best checkpoint, loaded by one process, gives the validation loss it was saved at.
-    model, tokenizer, cfg = load_checkpoint(two_dir / "checkpoints" / "best")
-    _, val_examples = load_splits(cfg.data, cfg.seed)
-    val_set, _ = tokenize_split(val_examples, cfg, tokenizer)
-    val_loss = evaluate(model, val_set, 2, tokenizer.pad_token_id, "cpu")
     assert two["best_step"] == 6
-    assert abs(val_loss - two["best_val_loss"]) <= 1e-5 * two["best_val_loss"]
+    assert_best_loads_in_one_process(two_dir, two["best_val_loss"])
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(deepspeed_unavailable() is not None, reason=str(deepspeed_unavailable()))
-def test_a_deepspeed_run_resumes_under_the_launcher(toy_tmp):
-    """A 2-process ZeRO-2 run cut off after its step-4 checkpoint, relaunched with
-    trainer.resume=auto, ends as the whole run did: DeepSpeed's partitions of the fp32
-    weights and of the optimizer's moments are refilled from the whole tensors (LoRA dropout
-    on, so each process's RNG state must come back too)."""
+@pytest.mark.parametrize(
+    "config, kind",
+    [
+        pytest.param(
+            "fsdp.yaml", "FSDP",
+            marks=pytest.mark.skipif(fsdp_unavailable() is not None,
+                                     reason=str(fsdp_unavailable())),
+        ),
+        pytest.param(
+            "deepspeed_zero2.yaml", "DEEPSPEED",
+            marks=pytest.mark.skipif(deepspeed_unavailable() is not None,
+                                     reason=str(deepspeed_unavailable())),
+        ),
+    ],
+)  # fmt: skip
+def test_a_sharded_run_resumes_under_the_launcher(toy_tmp, config, kind):
+    """A 2-process run cut off after its step-4 checkpoint (a copy of its folder without what
+    came later), relaunched with trainer.resume=auto, ends as the whole run did: every
+    process gets its share of the saved weights and optimizer state back (FSDP: its slices
+    of them; DeepSpeed: its partitions of the fp32 masters and moments), and with LoRA
+    dropout on, its own RNG state too."""
     import shutil
 
     from safetensors.torch import load_file
 
     steps = ["trainer.batch_size=2", "lora=default", "lora.dropout=0.1",
              "trainer.checkpoint_every=2"]  # fmt: skip
-    whole_dir, whole = launch(toy_tmp, "zero2-whole", 2, *steps, config="deepspeed_zero2.yaml")
-    cut = toy_tmp / "zero2-cut-4"
+    whole_dir, whole = launch(toy_tmp, f"{kind}-whole", 2, *steps, config=config)
+    cut = toy_tmp / f"{kind}-cut"
     shutil.copytree(whole_dir, cut)
     for later in ("checkpoints/step-00000006", "results.json"):
         shutil.rmtree(cut / later) if (cut / later).is_dir() else (cut / later).unlink()
+    assert (cut / "checkpoints/step-00000004").is_dir()
+
     cmd, env = command(toy_tmp, 2, *steps, f"hydra.run.dir={cut}", "trainer.resume=auto",
-                       config="deepspeed_zero2.yaml")  # fmt: skip
+                       config=config)  # fmt: skip
     done = subprocess.run(cmd, cwd=toy_tmp, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     assert "resuming from" in done.stdout + done.stderr
     resumed = json.loads((cut / "results.json").read_text())
-    assert (resumed["world_size"], resumed["distributed_type"]) == (2, "DEEPSPEED")
+    assert (resumed["world_size"], resumed["distributed_type"]) == (2, kind)
     assert close(resumed["train_loss_history"], whole["train_loss_history"], rel=1e-6)
     assert close(resumed["val_loss_history"], whole["val_loss_history"], rel=1e-6)
     name = "checkpoints/step-00000006/trainable.safetensors"
