@@ -214,7 +214,7 @@ def trained_by_position(
     a multi-byte character). A token that begins before a span and covers its first byte
     straddles it; it stays untrained and is counted once.
     """
-    first, last, owner = [], [], []
+    first, last = [], []
     for i in np.flatnonzero(tiled).tolist():
         text, base = rendered[i].text, int(position[bounds[i]])
         ascii_text = text.isascii()
@@ -226,7 +226,6 @@ def trained_by_position(
                 start, end = len(text[:start].encode("utf-8")), len(text[:end].encode("utf-8"))
             first.append(base + start)
             last.append(base + end)
-            owner.append(i)
     starts = position[:-1]
     straddles = [0] * len(rendered)
     if not first:
@@ -262,20 +261,20 @@ def token_byte_lengths(backend: Any) -> np.ndarray | None:
     spaces beside them); they get ``None`` and labels from offsets. A normalizer is checked
     on each text by the caller, and every conversation's token bytes must sum to its length.
     """
+    # The same tokenizer object, unchanged since (no tokens added, no step replaced).
     key = (
-        id(backend),
         backend.get_vocab_size(with_added_tokens=True),
         state(backend.pre_tokenizer),
         state(backend.normalizer),
     )
-    if _BYTE_LENGTHS and _BYTE_LENGTHS[0][0] == key and _BYTE_LENGTHS[0][1] is backend:
+    if _BYTE_LENGTHS and _BYTE_LENGTHS[0][0] is backend and _BYTE_LENGTHS[0][1] == key:
         return _BYTE_LENGTHS[0][2]
     table = byte_level_lengths(backend)
-    _BYTE_LENGTHS[:] = [(key, backend, table)]
+    _BYTE_LENGTHS[:] = [(backend, key, table)]
     return table
 
 
-_BYTE_LENGTHS: list[tuple[tuple, Any, np.ndarray | None]] = []  # the last tokenizer's table
+_BYTE_LENGTHS: list[tuple[Any, tuple, np.ndarray | None]] = []  # the last tokenizer's table
 
 
 def state(component: Any) -> str | None:

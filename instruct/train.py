@@ -508,10 +508,15 @@ def join_launch() -> Any:
     return PartialState(cpu=cpu_only_launch())
 
 
+def distributed_kind(accelerator: Any) -> str:
+    """``NO``, ``MULTI_GPU``, ``MULTI_CPU``, ``FSDP``, ``DEEPSPEED``, ... (the enum's name)."""
+    return str(accelerator.distributed_type).rsplit(".", 1)[-1]
+
+
 def is_fsdp(accelerator: Any) -> bool:
     """Whether ``accelerator`` shards the model with FSDP (every forward then needs every
     process, and saves gather the shards)."""
-    return str(accelerator.distributed_type).rsplit(".", 1)[-1] == "FSDP"
+    return distributed_kind(accelerator) == "FSDP"
 
 
 def is_deepspeed_launch(environ: Mapping[str, str]) -> bool:
@@ -520,7 +525,7 @@ def is_deepspeed_launch(environ: Mapping[str, str]) -> bool:
 
 def is_deepspeed(accelerator: Any) -> bool:
     """Whether ``accelerator`` runs the model in a DeepSpeed engine."""
-    return str(accelerator.distributed_type).rsplit(".", 1)[-1] == "DEEPSPEED"
+    return distributed_kind(accelerator) == "DEEPSPEED"
 
 
 def hand_over_to_deepspeed(accelerator: Any, t: Any, max_grad_norm: float | None) -> int:
@@ -706,7 +711,7 @@ def setup(cfg: DictConfig) -> Run:
         "trainable_parameters": trainable,
         "total_parameters": total,
         "world_size": accelerator.num_processes,
-        "distributed_type": str(accelerator.distributed_type).rsplit(".", 1)[-1],
+        "distributed_type": distributed_kind(accelerator),
         "parameters_on_main_process": held,  # under FSDP, its shards only
     }
     tracker.summary(info)
