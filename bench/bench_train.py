@@ -368,7 +368,9 @@ def check_exit(code: int, log_path: Path, what: str) -> None:
     raise RuntimeError(f"{what} failed with exit code {code}; log {log_path}:\n" + "\n".join(tail))
 
 
-def run_ours(p: Prepared, precision: str, seed: int, adamw: str, run_dir: Path) -> dict:
+def run_ours(
+    p: Prepared, precision: str, seed: int, adamw: str, run_dir: Path, extra: Sequence[str] = ()
+) -> dict:
     w = p.workload
     if w.lora:
         model = [
@@ -404,6 +406,7 @@ def run_ours(p: Prepared, precision: str, seed: int, adamw: str, run_dir: Path) 
     ]
     if adamw == "foreach":  # the default (fused where torch has it) needs no override
         overrides.append("optimizer.fused=false")
+    overrides.extend(extra)  # --ours-set: a lever switched off, for an ablation
     run_dir.mkdir(parents=True)
     log = run_dir.parent / f"{run_dir.name}.log"
     code, peak, wall = spawn([sys.executable, "-m", "instruct.run", *overrides], log)
@@ -451,10 +454,18 @@ def side_spec(p: Prepared, precision: str, seed: int, adamw: str) -> dict[str, A
     }
 
 
-def run_side(side: str, p: Prepared, precision: str, seed: int, adamw: str, work: Path) -> dict:
+def run_side(
+    side: str,
+    p: Prepared,
+    precision: str,
+    seed: int,
+    adamw: str,
+    work: Path,
+    ours_set: Sequence[str] = (),
+) -> dict:
     work.mkdir(parents=True)
     if side == "ours":
-        return run_ours(p, precision, seed, adamw, work / "run")
+        return run_ours(p, precision, seed, adamw, work / "run", ours_set)
     return run_child(side, side_spec(p, precision, seed, adamw), work)
 
 
@@ -900,6 +911,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="give the TRL and bare children glibc's malloc tuned as ours keeps it "
         "(trainer.keep_freed_memory), through MALLOC_*_THRESHOLD_",
     )
+    ap.add_argument(
+        "--ours-set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra config overrides for our side, e.g. lora.dropout_draw=mask to measure "
+        "what one lever is worth",
+    )
     ap.add_argument("--json", type=Path, default=None, help="write every raw figure here")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (logs, run dirs)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -938,6 +957,7 @@ def header(args: argparse.Namespace, peaks: dict[str, float]) -> None:
         f"AdamW {args.adamw}; TRL: gradient_checkpointing=False, padding_free=False, "
         "packing=False"
         + ("; TRL and bare: glibc malloc keeps freed memory, as ours" if PEER_ENV else "")
+        + (f"; ours with {' '.join(args.ours_set)}" if args.ours_set else "")
     )
     print(FLOPS_FORMULA)
 
@@ -977,7 +997,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 for rep in range(args.repeats):
                     for side in args.sides:
                         work = root / name / precision / f"{side}-{rep}"
-                        r = run_side(side, p, precision, args.seed, args.adamw, work)
+                        r = run_side(side, p, precision, args.seed, args.adamw, work, args.ours_set)
                         sides[side].append(r)
                         print(
                             f"[{key} repeat {rep + 1}/{args.repeats}] {side}: train "

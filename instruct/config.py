@@ -139,6 +139,10 @@ class LoraConfig:
     # the adapter's product accumulated into the base output by the matmul, a 1-byte dropout
     # mask kept instead of two float copies of the input. Same result as peft's layers.
     fused: bool = True
+    # How fused layers draw dropout on the CPU: "positions" of the dropped elements (zeroed in
+    # a copy of the input), a "mask" of every element, or "auto": positions below dropout 0.2.
+    # The same distribution either way; GPUs always draw a mask.
+    dropout_draw: str = "auto"
     # "all-linear": every linear layer except the output head (peft's own rule).
     target_modules: Any = "all-linear"
 
@@ -387,6 +391,11 @@ def check(cfg: DictConfig) -> None:
         ("optimizer.warmup_ratio", 0 <= o.warmup_ratio < 1, "in [0, 1)"),
         ("lora.rank", not lora.enabled or lora.rank >= 1, "at least 1"),
         ("lora.dropout", 0 <= lora.dropout < 1, "in [0, 1)"),
+        (
+            "lora.dropout_draw",
+            lora.dropout_draw in ("auto", "positions", "mask"),
+            "auto, positions or mask",
+        ),
         ("lora.alpha", lora.alpha is None or lora.alpha > 0, "null (2 x rank) or positive"),
         ("data.val_fraction", 0 < cfg.data.val_fraction < 1, "in (0, 1)"),
         (

@@ -281,6 +281,48 @@ def test_keep_mask_keeps_with_probability_1_minus_p_and_follows_the_seed():
     assert not torch.equal(keep_mask((1000, 1000), 0.1, "cpu"), keep)  # each call draws anew
 
 
+def test_dropped_positions_drop_each_element_with_probability_p_and_follow_the_seed():
+    from instruct.model import dropped_positions
+
+    n, p = 1_000_000, 0.1
+    for batch in (None, 1000):  # enough at once, or drawn in many rounds
+        torch.manual_seed(0)
+        drop = dropped_positions(n, p, batch)
+        assert drop.dtype == torch.int64
+        assert int(drop[0]) >= 0 and int(drop[-1]) < n and bool((drop.diff() > 0).all())
+        # 1e6 elements: the count is within 5 standard deviations (1,500) of 100,000
+        assert abs(len(drop) - n * p) < 5 * (n * p * (1 - p)) ** 0.5
+        # independent drops: the gaps between them are geometric with mean 1 / p and
+        # P(gap = k) = (1 - p)**(k - 1) * p; an off-by-one or a bias in the gaps fails here
+        gaps = drop.diff()
+        assert abs(gaps.double().mean().item() - 1 / p) < 5 * ((1 - p) / p**2 / len(gaps)) ** 0.5
+        for k in (1, 2, 10):
+            share, want = (gaps == k).double().mean().item(), (1 - p) ** (k - 1) * p
+            assert abs(share - want) < 5 * (want * (1 - want) / len(gaps)) ** 0.5, k
+        torch.manual_seed(0)
+        assert torch.equal(dropped_positions(n, p, batch), drop)  # the seed fixes the draw
+        assert not torch.equal(dropped_positions(n, p, batch), drop)  # each call draws anew
+    assert len(dropped_positions(0, 0.1)) == 0
+
+
+def test_dropout_is_drawn_as_positions_on_the_cpu_at_low_rates_and_as_a_mask_otherwise():
+    from instruct.model import POSITIONS_BELOW, draw_dropout
+
+    shape = torch.Size((40, 50))
+    kinds = {
+        (how, p, device): draw_dropout(shape, p, device, how).dtype
+        for how in ("auto", "positions", "mask")
+        for p in (0.05, POSITIONS_BELOW)  # auto: positions below POSITIONS_BELOW only
+        for device in ("cpu", "meta")  # meta: a device other than the CPU
+    }
+    low, high = 0.05, POSITIONS_BELOW
+    positions = {("auto", low, "cpu"), ("positions", low, "cpu"), ("positions", high, "cpu")}
+    assert {key for key, dtype in kinds.items() if dtype == torch.int64} == positions
+    assert all(dtype == torch.bool for key, dtype in kinds.items() if key not in positions)
+    with pytest.raises(ValueError, match="lora.dropout_draw must be auto, positions, mask"):
+        draw_dropout(shape, 0.1, "cpu", "sparse")
+
+
 class FixedMaskDropout(torch.nn.Module):
     """``nn.Dropout`` with a given mask, for comparing peft's layer with the fused one."""
 
@@ -292,7 +334,7 @@ class FixedMaskDropout(torch.nn.Module):
         return x * self.keep / (1 - self.p) if self.training else x
 
 
-def two_lora_mlps(p: float, bias: bool):
+def two_lora_mlps(p: float, bias: bool, draw: str = "auto"):
     """The same small MLP with LoRA twice: peft's layers and the fused ones."""
     from peft import LoraConfig, get_peft_model
 
@@ -310,20 +352,21 @@ def two_lora_mlps(p: float, bias: bool):
             if "lora_B" in name:  # peft starts B at 0, which would hide errors in A's path
                 param.data.normal_()
         models.append(model)
-    assert fuse_lora(models[1]) == 2
+    assert fuse_lora(models[1], draw) == 2
     return models
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("p", [0.0, 0.25])
+@pytest.mark.parametrize("p, draw", [(0.0, "auto"), (0.25, "mask"), (0.25, "positions")])
 @pytest.mark.parametrize("bias", [False, True])
-def test_fused_lora_layer_gives_peft_output_and_gradients(monkeypatch, precision, p, bias):
+def test_fused_lora_layer_gives_peft_output_and_gradients(monkeypatch, precision, p, draw, bias):
     """For the same dropout masks: the fused layers' output and the gradients of the input,
     the adapters and a trainable bias are peft's, in fp32 to float noise; in bf16 no further
-    from the fp32 figures than peft's own bf16 ones (bf16 rounds in different places)."""
+    from the fp32 figures than peft's own bf16 ones (bf16 rounds in different places). The
+    masks reach the fused layers as masks or as the positions of the dropped elements."""
     import instruct.model as model_module
 
-    plain, fused = two_lora_mlps(p, bias)
+    plain, fused = two_lora_mlps(p, bias, draw)
     for model in (plain, fused):
         for layer in model.base_model.model[::2]:
             if bias:
@@ -335,8 +378,20 @@ def test_fused_lora_layer_gives_peft_output_and_gradients(monkeypatch, precision
             layer.lora_dropout["default"] = FixedMaskDropout(keep, p)
 
     def run(model, bf16):
-        drawn = iter(masks)
-        monkeypatch.setattr(model_module, "keep_mask", lambda shape, p, device: next(drawn))
+        drawn, kinds = iter(masks), []
+
+        def as_mask(shape, p, device):
+            kinds.append("mask")
+            return next(drawn)
+
+        def as_positions(n, p):
+            kinds.append("positions")
+            keep = next(drawn)
+            assert keep.numel() == n
+            return (~keep).flatten().nonzero().squeeze(1)
+
+        monkeypatch.setattr(model_module, "keep_mask", as_mask)
+        monkeypatch.setattr(model_module, "dropped_positions", as_positions)
         model.train()
         model.zero_grad()
         xi = x.clone().requires_grad_()
@@ -345,6 +400,8 @@ def test_fused_lora_layer_gives_peft_output_and_gradients(monkeypatch, precision
         (out.float() * torch.linspace(-1, 1, 24)).sum().backward()
         grads = {n: q.grad.clone() for n, q in model.named_parameters() if q.requires_grad}
         assert len(grads) == 4 + 2 * bias
+        if model is fused and p > 0:
+            assert kinds == [draw, draw]  # both layers drew as asked
         return {"out": out.float(), "x": xi.grad, **grads}
 
     reference, ours = run(plain, False), run(fused, precision == "bf16")
