@@ -174,6 +174,34 @@ def test_fused_lora_layers_train_the_run_peft_layers_train(toy_data, tmp_path):
         assert x == pytest.approx(y, rel=1e-5)
 
 
+def test_a_run_with_dropout_positions_trains_as_one_with_the_same_masks(
+    toy_data, tmp_path, monkeypatch
+):
+    """Whole runs, every adapted layer, packed rows: dropout drawn as positions gives the
+    losses of dropout drawn as masks when both drop the same elements (here the positions
+    are read off the very mask the other run draws, from the same seed)."""
+    import instruct.model as model_module
+
+    draw_mask, calls = model_module.keep_mask, []
+
+    def positions_of_the_mask(n, p):
+        calls.append(n)
+        return (~draw_mask((n,), p, "cpu")).nonzero().squeeze(1)
+
+    monkeypatch.setattr(model_module, "dropped_positions", positions_of_the_mask)
+    common = ("logger=none", "trainer.max_steps=5", "trainer.save_best=false",
+              "lora=default", "lora.dropout=0.1")  # fmt: skip
+    masks = train(toy_config(toy_data, tmp_path / "a", "lora.dropout_draw=mask", *common))
+    assert not calls
+    positions = train(toy_config(toy_data, tmp_path / "b", "lora.dropout_draw=positions", *common))
+    assert calls  # the second run drew positions
+    assert positions["final_val_loss"] == pytest.approx(masks["final_val_loss"], rel=1e-5)
+    for (_, x), (_, y) in zip(
+        positions["train_loss_history"], masks["train_loss_history"], strict=True
+    ):
+        assert x == pytest.approx(y, rel=1e-5)
+
+
 def test_bf16_keeps_a_frozen_base_in_bf16_and_the_rest_in_fp32():
     _, model, _, _ = tiny("lora=default")
     changed = cast_frozen(model, torch.bfloat16)
