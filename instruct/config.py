@@ -136,13 +136,13 @@ class LoraConfig:
     alpha: float | None = None  # None: 2 x rank, so a rank sweep keeps the same scale
     dropout: float = 0.05
     # Each adapted linear layer (base + dropout + A + B + scaling) as one autograd function:
-    # the adapter's product accumulated into the base output by the matmul, a 1-byte dropout
-    # mask kept instead of two float copies of the input. Same result as peft's layers.
+    # the adapter's product accumulated into the base output by the matmul, only what dropout
+    # dropped kept instead of two float copies of the input. Same result as peft's layers.
     fused: bool = True
     # How fused layers draw dropout on the CPU: "positions" of the dropped elements (zeroed in
     # a copy of the input), a "mask" of every element, or "auto": positions below dropout 0.2.
     # The same distribution either way; GPUs always draw a mask.
-    dropout_draw: str = "auto"
+    dropout_draw: str = "auto"  # one of DROPOUT_DRAWS
     # "all-linear": every linear layer except the output head (peft's own rule).
     target_modules: Any = "all-linear"
 
@@ -346,6 +346,8 @@ def compose(
 
 # What model.dtype may name (instruct.model.resolve_dtype turns it into a torch dtype).
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
+# What lora.dropout_draw may name (instruct.model.draw_dropout follows it).
+DROPOUT_DRAWS = ("auto", "positions", "mask")
 
 
 def check(cfg: DictConfig) -> None:
@@ -393,8 +395,8 @@ def check(cfg: DictConfig) -> None:
         ("lora.dropout", 0 <= lora.dropout < 1, "in [0, 1)"),
         (
             "lora.dropout_draw",
-            lora.dropout_draw in ("auto", "positions", "mask"),
-            "auto, positions or mask",
+            lora.dropout_draw in DROPOUT_DRAWS,
+            ", ".join(DROPOUT_DRAWS[:-1]) + " or " + DROPOUT_DRAWS[-1],
         ),
         ("lora.alpha", lora.alpha is None or lora.alpha > 0, "null (2 x rank) or positive"),
         ("data.val_fraction", 0 < cfg.data.val_fraction < 1, "in (0, 1)"),

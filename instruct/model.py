@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from instruct.config import DROPOUT_DRAWS
 from instruct.templates import chat_template, stop_tokens
 
 log = logging.getLogger(__name__)
@@ -467,7 +468,6 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 # Below this rate the CPU draws dropout as the positions of the dropped elements. At 0.2 both
 # ways took the same time (fwd + bwd of 576->576 and 1536->576 LoRA layers on 2,000 rows).
 POSITIONS_BELOW = 0.2
-DROPOUT_DRAWS = ("auto", "positions", "mask")
 
 
 def draw_dropout(shape: torch.Size, p: float, device: Any, how: str = "auto") -> torch.Tensor:
