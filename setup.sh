@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-command set-up: bash setup.sh
 # Installs PyTorch if it is missing, this package (editable) with its test tools, the
-# Optuna sweeper and DeepSpeed, and the default model's weights.
+# Optuna sweeper, lm-evaluation-harness and DeepSpeed, and the default model's weights.
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON="${PYTHON:-python3}"
@@ -17,8 +17,10 @@ PY
 if ! "$PYTHON" -c "import torch" 2>/dev/null; then
     "$PYTHON" -m pip install "torch==2.13.0"
 fi
-# optuna: the Optuna sweeper (hydra-optuna-sweeper), which the sweep tests run.
-"$PYTHON" -m pip install -e ".[dev,optuna]"
+# optuna: the Optuna sweeper (hydra-optuna-sweeper), which the sweep tests run; lm_eval:
+# lm-evaluation-harness, for the lm_eval suite and as the reference IFEval scoring is tested
+# against.
+"$PYTHON" -m pip install -e ".[dev,optuna,lm_eval]"
 # DeepSpeed (for accelerate launch with conf/accelerate/deepspeed_zero2.yaml; the tests run
 # it on the CPU). It ships as source whose setup imports torch, hence no build isolation;
 # DS_BUILD_OPS=0: its C++/CUDA ops are compiled when first used, not now.

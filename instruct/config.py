@@ -229,6 +229,79 @@ class SamplingConfig:
 
 
 @dataclass
+class IFEvalSuiteConfig:
+    """Verifiable instruction following, scored as IFEval does (instruct.eval.ifeval)."""
+
+    # A JSONL file in IFEval's format (key, prompt, instruction_id_list, kwargs), such as
+    # google/IFEval's input_data.jsonl; None: the shipped set (scripts/make_ifeval_set.py).
+    path: str | None = None
+    subset: int | None = None  # a seeded random subset of this many prompts; None: all
+    subset_seed: int = 0
+
+
+@dataclass
+class JudgeSuiteConfig:
+    """Pairwise judge through any OpenAI-compatible endpoint (instruct.eval.judge)."""
+
+    base_url: str | None = None  # e.g. http://127.0.0.1:8080/v1; None: api.openai.com
+    model: str = "gpt-4o-mini"
+    api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never stored
+    # The replies the tuned ones are compared with: "base" (the base model's, same prompts
+    # and template), "answers" (each prompt file's own reference answers), or the path of an
+    # earlier run folder or checkpoint whose evaluation replies to take.
+    reference: str = "base"
+    prompts_path: str | None = None  # JSONL of prompts; None: the run's validation prompts
+    max_prompts: int | None = 50
+    concurrency: int = 4
+    request_timeout: float = 120.0
+    max_retries: int = 4
+    max_tokens: int = 512  # the verdict's length budget
+    cache_dir: str | None = None  # None: $INSTRUCT_CACHE/judge
+    price_input_per_mtok: float | None = None  # USD per million tokens, for the cost estimate
+    price_output_per_mtok: float | None = None
+
+
+@dataclass
+class LmEvalSuiteConfig:
+    """Any lm-evaluation-harness task on the checkpoint (instruct.eval.lm_eval_suite)."""
+
+    tasks: list[str] = field(default_factory=list)
+    include_path: str | None = None  # a folder of the user's own task YAMLs
+    limit: int | None = None  # examples per task; None: all
+    num_fewshot: int | None = None
+    apply_chat_template: bool = True  # prompts rendered with the run's template
+    batch_size: int = 8
+
+
+@dataclass
+class EvalConfig:
+    """The shared yardstick: suites run on the best checkpoint at the end of every run, and
+    by ``python -m instruct.evaluate`` on any checkpoint, with the same numbers."""
+
+    name: str = "none"
+    suites: list[str] = field(default_factory=list)  # names in instruct.eval.suite.SUITES
+    ifeval: IFEvalSuiteConfig = field(default_factory=IFEvalSuiteConfig)
+    judge: JudgeSuiteConfig = field(default_factory=JudgeSuiteConfig)
+    lm_eval: LmEvalSuiteConfig = field(default_factory=LmEvalSuiteConfig)
+    base: bool = True  # score the base model too (cached per model, template and suite)
+    batch_size: int = 16  # replies generated at once
+    max_new_tokens: int = 512
+    bootstrap_samples: int = 1000
+    confidence: float = 0.95
+    seed: int = 0  # the bootstrap's resampling
+
+
+@dataclass
+class ReportConfig:
+    """How runs are ranked, by ``python -m instruct.report`` and by sweepers."""
+
+    # "auto": the eval suite's headline score when the run has one (maximised), else the
+    # best validation loss (minimised). Or a score such as "ifeval/inst_loose",
+    # "judge/win_rate", or "val_loss".
+    metric: str = "auto"
+
+
+@dataclass
 class RunConfig:
     template: TemplateConfig = MISSING
     data: DataConfig = MISSING
@@ -237,6 +310,8 @@ class RunConfig:
     optimizer: OptimizerConfig = MISSING
     trainer: TrainerConfig = MISSING
     logger: LoggerConfig = MISSING
+    eval: EvalConfig = MISSING
+    report: ReportConfig = field(default_factory=ReportConfig)
     seed: int = 0
     # Filled from Hydra's runtime when run through the CLI; tests set it directly.
     run_dir: str | None = None
@@ -264,15 +339,14 @@ class ChatConfig:
 
 @dataclass
 class EvaluateConfig:
-    """``python -m instruct.evaluate``: base vs tuned on held-out instructions."""
+    """``python -m instruct.evaluate``: the run's eval suites on any checkpoint."""
 
     checkpoint: str = MISSING
-    out: str | None = None  # None: <checkpoint>/../../eval (the run folder)
-    test_file: str | None = None  # None: the shipped test instructions
+    out: str | None = None  # None: <checkpoint>/../../eval-<name> (the run folder)
+    # Validation loss of the tuned (and base) model on this many of the run's validation
+    # examples; None: all of them; 0: skipped.
     max_val_examples: int | None = None
-    batch_size: int = 8
-    compare_base: bool = True
-    sampling: SamplingConfig = MISSING
+    eval: EvalConfig = MISSING
     logger: LoggerConfig = MISSING
 
 
@@ -307,11 +381,24 @@ SCHEMAS: dict[str, type] = {
     "trainer": TrainerConfig,
     "logger": LoggerConfig,
     "sampling": SamplingConfig,
+    "eval": EvalConfig,
 }
+
+
+def metric_direction(*, _root_: DictConfig) -> str:
+    """``${metric_direction:}``: the direction of the run's ``report.metric``, for a sweeper
+    (conf/hydra/sweeper/optuna_lr.yaml): maximise an eval score, minimise a loss."""
+    metric = OmegaConf.select(_root_, "report.metric", default="auto")
+    evaluated = bool(OmegaConf.select(_root_, "eval.suites", default=None))
+    if metric == "val_loss" or (metric == "auto" and not evaluated):
+        return "minimize"
+    return "maximize"
 
 
 def register_schemas() -> None:
     """Store every schema so YAML options can name it in their defaults list."""
+    if not OmegaConf.has_resolver("metric_direction"):
+        OmegaConf.register_new_resolver("metric_direction", metric_direction)
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
     for name, node in CLI_SCHEMAS.items():

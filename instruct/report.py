@@ -1,10 +1,19 @@
-"""``python -m instruct.report <folder>``: a sweep (or one run) as a table and plots.
+"""``python -m instruct.report <folder> [--metric M]``: a sweep (or one run) ranked by one
+yardstick, with intervals.
 
 ``<folder>`` is a Hydra multirun folder (``outputs/multirun/<date>/<time>/``, one numbered
-subfolder per job) or a single run folder. Written into it: ``report.md`` and ``report.csv``
-(one row per job, finished jobs sorted by best validation loss, the winner marked, unfinished
-ones after them with their status), ``val_loss.png`` (every job's validation curve) and
-``best_val_loss_by_<key>.png`` for every swept key. A single run folder gets ``loss.png``.
+subfolder per job) or a single run folder. Jobs are ranked by ``--metric`` (``report.metric``):
+by default the eval suites' headline score (``ifeval/prompt_strict`` with ``eval=quick``) when
+the jobs were evaluated, else the best validation loss, with a warning whenever the jobs'
+validation tokens differ (another template or data set: their losses measure different
+things). Each job is compared with the best one by a paired bootstrap on the prompts both
+answered: ``tied with best`` where the interval of the difference contains 0, with the number
+of prompts that would separate them. The base model is a row of its own (one per template).
+
+Written into the folder: ``report.md`` and ``report.csv`` (one row per job, unfinished ones
+after the ranked ones with their status), ``val_loss.png`` (every job's validation curve),
+``best_<metric>_by_<key>.png`` for every swept key and ``<metric>.png`` (each job's score with
+its interval). A single run folder gets ``loss.png`` too.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ import csv
 import json
 import math
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,20 +32,34 @@ from typing import Any
 import yaml
 from matplotlib.figure import Figure  # the object API: no pyplot state, always Agg for PNG
 
+from instruct.eval.metric import Metric, interval_of, resolve, value_of
+from instruct.eval.stats import paired_difference
+
 FINISHED = "finished"
 FAILED = "failed"
 INCOMPLETE = "running/incomplete"
+BASE = "base model"
 COLUMNS = [
     "rank",
     "job",
     "overrides",
     "status",
+    "metric",
+    "value",
+    "ci_low",
+    "ci_high",
+    "vs_best",
+    "diff_ci_low",
+    "diff_ci_high",
+    "prompts",
+    "prompts_to_separate",
     "best_val_loss",
     "best_step",
     "final_train_loss",
     "supervised_tokens",
     "train_seconds",
     "tokens_per_s",
+    "eval_seconds",
     "checkpoint",
     "last_step",
 ]
@@ -44,15 +68,34 @@ HEADERS = {  # report.md's column titles; report.csv keeps the keys above
     "job": "job",
     "overrides": "overrides",
     "status": "status",
+    "metric": "metric",
+    "value": "score",
+    "ci_low": "95% CI",
+    "ci_high": "",
+    "vs_best": "vs best",
+    "diff_ci_low": "difference (95% CI)",
+    "diff_ci_high": "",
+    "prompts": "prompts",
+    "prompts_to_separate": "prompts to separate",
     "best_val_loss": "best val loss",
     "best_step": "best step",
     "final_train_loss": "final train loss",
     "supervised_tokens": "supervised tokens",
     "train_seconds": "train time s",
     "tokens_per_s": "tokens/s",
+    "eval_seconds": "eval time s",
     "checkpoint": "checkpoint",
     "last_step": "last logged step",
 }
+# report.md shows fewer columns than the CSV: intervals as one "[lo, hi]" cell.
+MD_COLUMNS_EVAL = [
+    "rank", "job", "overrides", "status", "value", "vs_best", "prompts_to_separate",
+    "best_val_loss", "train_seconds", "eval_seconds", "checkpoint",
+]  # fmt: skip
+MD_COLUMNS_LOSS = [
+    "rank", "job", "overrides", "status", "best_val_loss", "best_step", "final_train_loss",
+    "supervised_tokens", "train_seconds", "tokens_per_s", "checkpoint", "last_step",
+]  # fmt: skip
 FAILURE_MARKS = ("Error executing job", "Traceback (most recent call last)")
 
 
@@ -207,79 +250,298 @@ def number(value: Any) -> float | None:
         return None
 
 
-def sort_key(job: Job) -> tuple[int, float, int]:
-    """Finished jobs by best val loss (a NaN or missing loss last among them), then the rest."""
-    loss = number(job.results.get("best_val_loss")) if job.results else None
-    ok = loss is not None and not math.isnan(loss)
-    index = int(job.name) if job.name.isdigit() else 0
-    return (0 if job.finished else 1, loss if ok else math.inf, index)
+@dataclass
+class Ranked:
+    """The ranking of a set of jobs by one metric."""
+
+    metric: Metric
+    rows: list[dict[str, Any]]
+    warnings: list[str]
+    best: str | None  # the best job's name
 
 
-def rows(jobs: Sequence[Job]) -> list[dict[str, Any]]:
-    """One row per job, in report order; the first finished job with a loss is ``rank`` 1."""
-    out = []
-    for rank, job in enumerate(sorted(jobs, key=sort_key), start=1):
-        r = job.results or {}
-        tokens, seconds = number(r.get("supervised_tokens")), number(r.get("train_seconds"))
-        out.append(
-            {
-                "rank": rank if job.finished else None,
-                "job": job.name,
-                "overrides": ",".join(job.overrides),
-                "status": job.status,
-                "best_val_loss": r.get("best_val_loss"),
-                "best_step": r.get("best_step"),
-                "final_train_loss": r.get("final_train_loss"),
-                "supervised_tokens": r.get("supervised_tokens"),
-                "train_seconds": r.get("train_seconds"),
-                "tokens_per_s": tokens / seconds if tokens is not None and seconds else None,
-                "checkpoint": r.get("checkpoint"),
-                "last_step": job.last_step,
-            }
+def choose_metric(jobs: Sequence[Job], metric: str) -> Metric:
+    """``metric`` resolved against the finished jobs (``auto``: their eval headline)."""
+    finished = [j.results for j in jobs if j.results is not None]
+    for results in finished:
+        chosen = resolve(metric, results)
+        if chosen.is_eval or metric != "auto":
+            return chosen
+    return resolve(metric, finished[0] if finished else None)
+
+
+def per_prompt(job_path: Path, metric: Metric, label: str = "tuned") -> tuple | None:
+    """``(ids, num, den)`` of an eval figure from a job's ``eval/<label>/<suite>.json``."""
+    suite, _, figure = metric.name.partition("/")
+    try:
+        data = json.loads((job_path / "eval" / label / f"{suite}.json").read_text("utf-8"))
+        score = data["scores"][figure]
+        return [str(i) for i in data["ids"]], score["num"], score["den"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def val_loss_warning(jobs: Sequence[Job]) -> str | None:
+    """Why the jobs' validation losses cannot be compared, if they cannot."""
+    prints = {j.name: (j.results or {}).get("val_fingerprint") for j in jobs if j.finished}
+    if len(prints) < 2:
+        return None
+    if None in prints.values():
+        missing = ", ".join(name for name, fp in prints.items() if fp is None)
+        return (
+            f"jobs {missing} record no validation fingerprint (trained before it was kept), so "
+            "whether their validation tokens are the same cannot be told"
         )
-    return out
+    groups: dict[str, list[str]] = {}
+    for name, fp in prints.items():
+        groups.setdefault(fp, []).append(name)
+    if len(groups) == 1:
+        return None
+    listed = "; ".join("jobs " + ", ".join(names) for names in groups.values())
+    return (
+        f"the jobs' validation losses were measured on different tokens ({listed}): another "
+        "template or data set changes what the loss measures, so ranking by it compares "
+        "different things. Rank by an eval score instead: rerun with eval=quick"
+    )
+
+
+def sort_key(metric: Metric):
+    """Finished jobs by the metric (best first; a NaN or missing value last among them),
+    then the unfinished ones in job order."""
+
+    def key(job: Job) -> tuple[int, float, int]:
+        value = value_of(metric, job.results)
+        ok = not math.isnan(value)
+        score = (-value if metric.higher_is_better else value) if ok else math.inf
+        index = int(job.name) if job.name.isdigit() else 0
+        return (0 if job.finished else 1, score, index)
+
+    return key
+
+
+def base_rows(jobs: Sequence[Job], metric: Metric) -> list[tuple[str, dict, Path]]:
+    """One ``(label, results, job folder)`` per distinct base-model result (one per template
+    in a template sweep), taken from the jobs' own evaluations."""
+    seen: dict[str, tuple[str, dict, Path]] = {}
+    templates = {job.name: template_of(job) for job in jobs}
+    for job in jobs:
+        if not job.results or interval_of(metric, job.results, "base") is None:
+            continue
+        data = per_prompt(job.path, metric, "base")
+        # The same base model and template score the same; another template is another row.
+        key = json.dumps([templates[job.name], data], sort_keys=True) if data else job.name
+        if key not in seen:
+            label = (
+                BASE
+                if len(set(templates.values())) <= 1
+                else (f"{BASE} (template={templates[job.name]})")
+            )
+            seen[key] = (label, job.results, job.path)
+    return list(seen.values())
+
+
+def template_of(job: Job) -> str:
+    """The template a job trained with (its saved config, else its overrides)."""
+    try:
+        cfg = yaml.safe_load((job.path / ".hydra" / "config.yaml").read_text(encoding="utf-8"))
+        return str(cfg["template"]["name"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return job.params.get("template", "")
+
+
+def rank(jobs: Sequence[Job], metric_name: str = "auto", samples: int = 1000) -> Ranked:
+    """Rows in report order, each finished job compared with the best by paired bootstrap."""
+    metric = choose_metric(jobs, metric_name)
+    ordered = sorted(jobs, key=sort_key(metric))
+    warnings = []
+    if not metric.is_eval:
+        why = val_loss_warning(jobs)
+        if why:
+            warnings.append(why)
+    best = next((j for j in ordered if j.finished and not math.isnan(value_of(metric, j.results))),
+                None)  # fmt: skip
+    best_data = per_prompt(best.path, metric) if best and metric.is_eval else None
+    out = []
+    for position, job in enumerate(ordered, start=1):
+        row = job_row(job, metric, position if job.finished else None)
+        if job is best:
+            row["vs_best"] = "best"
+        elif best_data is not None and job.finished:
+            compare(row, per_prompt(job.path, metric), best_data, samples, warnings, job.name)
+        out.append(row)
+    if metric.is_eval:
+        for label, results, path in base_rows(jobs, metric):
+            row = job_row(Job(name=label, path=path, results=results), metric, None, "base")
+            row.update(status=BASE, overrides="", checkpoint=None, best_val_loss=None,
+                       best_step=None, final_train_loss=None, supervised_tokens=None,
+                       train_seconds=None, tokens_per_s=None, eval_seconds=None)  # fmt: skip
+            if best_data is not None:
+                compare(row, per_prompt(path, metric, "base"), best_data, samples, warnings, label)
+            out.append(row)
+    return Ranked(metric, out, warnings, best.name if best else None)
+
+
+def compare(row: dict, data: tuple | None, best: tuple, samples: int, warnings: list[str],
+            name: str) -> None:  # fmt: skip
+    """Fill ``row``'s comparison with the best job (a paired bootstrap on shared prompts)."""
+    if data is None:
+        warnings.append(f"{name}: no per-prompt scores (eval/ folder) to compare with the best")
+        return
+    try:
+        paired = paired_difference(data, best, samples=samples)
+    except ValueError as err:
+        warnings.append(f"{name}: {err}")
+        return
+    row.update(
+        vs_best="tied with best" if paired.tied else "below best",
+        diff=paired.difference, diff_ci_low=paired.low, diff_ci_high=paired.high,
+        prompts_to_separate=paired.prompts_to_separate if paired.tied else None,
+    )  # fmt: skip
+
+
+def job_row(job: Job, metric: Metric, position: int | None, label: str = "tuned") -> dict:
+    r = job.results or {}
+    tokens, seconds = number(r.get("supervised_tokens")), number(r.get("train_seconds"))
+    value, low, high = math.nan, None, None
+    if metric.is_eval:
+        found = interval_of(metric, r, label) if r else None
+        if found:
+            value, low, high = found
+    else:
+        value = value_of(metric, r)
+    evaluation = r.get("eval") or {}
+    suite = metric.name.partition("/")[0]
+    return {
+        "rank": position,
+        "job": job.name,
+        "overrides": ",".join(job.overrides),
+        "status": job.status,
+        "metric": metric.name,
+        "value": None if math.isnan(value) else value,
+        "ci_low": low,
+        "ci_high": high,
+        "vs_best": "",
+        "diff": None,
+        "diff_ci_low": None,
+        "diff_ci_high": None,
+        "prompts": evaluation.get(label, {}).get(suite, {}).get("prompts"),
+        "prompts_to_separate": None,
+        "best_val_loss": r.get("best_val_loss"),
+        "best_step": r.get("best_step"),
+        "final_train_loss": r.get("final_train_loss"),
+        "supervised_tokens": r.get("supervised_tokens"),
+        "train_seconds": r.get("train_seconds"),
+        "tokens_per_s": tokens / seconds if tokens is not None and seconds else None,
+        "eval_seconds": evaluation.get("total_seconds"),
+        "checkpoint": r.get("checkpoint"),
+        "last_step": job.last_step,
+    }
+
+
+def rows(jobs: Sequence[Job], metric: str = "auto") -> list[dict[str, Any]]:
+    """One row per job (and base model) in report order; see :func:`rank`."""
+    return rank(jobs, metric).rows
 
 
 def fmt(key: str, value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
-        digits = {"best_val_loss": 4, "final_train_loss": 4, "train_seconds": 1}.get(key, 0)
+        digits = {"train_seconds": 1, "eval_seconds": 1, "tokens_per_s": 0}.get(key, 4)
         return f"{value:.{digits}f}" if math.isfinite(value) else str(value)
     return str(value)
 
 
-def markdown(folder: Path, table: list[dict[str, Any]]) -> str:
-    """``report.md``: the table, the winner's row marked **best**."""
-    finished = [r for r in table if r["status"] == FINISHED]
-    lines = [f"# Report: {folder}", ""]
-    lines.append(f"{len(finished)} of {len(table)} jobs finished.")
-    if finished:
-        best = finished[0]
+def md_cell(key: str, row: dict[str, Any]) -> str:
+    if key == "rank" and row["vs_best"] == "best":
+        return f"{row['rank']} **best**"
+    if key == "value":
+        if row["value"] is None:
+            return ""
+        if row["ci_low"] is None:
+            return fmt("value", row["value"])
+        return f"{row['value']:.4f} [{row['ci_low']:.4f}, {row['ci_high']:.4f}]"
+    if key == "vs_best" and row.get("diff") is not None:
+        return (
+            f"{row['vs_best']}: {row['diff']:+.4f} "
+            f"[{row['diff_ci_low']:+.4f}, {row['diff_ci_high']:+.4f}]"
+        )
+    if key in ("overrides", "checkpoint"):
+        return f"`{row[key]}`" if row[key] else ""
+    if key == "prompts_to_separate" and row[key] is not None:
+        return f"~{row[key]}"
+    return fmt(key, row[key])
+
+
+def markdown(folder: Path, ranked: Ranked) -> str:
+    """``report.md``: how the jobs were ranked, the warnings, then the table."""
+    table, metric = ranked.rows, ranked.metric
+    jobs = [r for r in table if r["status"] != BASE]
+    finished = [r for r in jobs if r["status"] == FINISHED]
+    direction = "higher is better" if metric.higher_is_better else "lower is better"
+    lines = [f"# Report: {folder}", "", f"{len(finished)} of {len(jobs)} jobs finished."]
+    lines.append(f"Ranked by **{metric.name}** ({direction}).")
+    if metric.is_eval:
+        lines.append(
+            "Scores carry 95% bootstrap intervals over prompts. Each job is compared with the "
+            "best by a paired bootstrap on the same prompts: *tied with best* where the "
+            "interval of the difference contains 0 (the data cannot tell them apart), with "
+            "about how many prompts would separate them at that difference."
+        )
+    for warning in ranked.warnings:
+        lines += ["", f"> **Warning:** {warning}"]
+    best = next((r for r in table if r["vs_best"] == "best"), None)
+    if best is not None:
+        tied = [r["job"] for r in table if r["vs_best"] == "tied with best"]
+        lines.append("")
         lines.append(
             f"Best: job {best['job']} (`{best['overrides'] or '(no overrides)'}`), "
-            f"best val loss {fmt('best_val_loss', best['best_val_loss'])} "
-            f"at step {best['best_step']}."
+            f"{metric.name} {md_cell('value', best)}"
+            + (f"; tied with it: {', '.join(tied)}." if tied else "; no job is tied with it.")
         )
-    lines += ["", "| " + " | ".join(HEADERS[c] for c in COLUMNS) + " |"]
-    lines.append("|" + "|".join("---" for _ in COLUMNS) + "|")
-    for i, row in enumerate(table):
-        cells = {c: fmt(c, row[c]) for c in COLUMNS}
-        cells["overrides"] = f"`{cells['overrides']}`" if cells["overrides"] else ""
-        cells["checkpoint"] = f"`{cells['checkpoint']}`" if cells["checkpoint"] else ""
-        if i == 0 and row["status"] == FINISHED:
-            cells["rank"] = "1 **best**"
-        lines.append("| " + " | ".join(cells[c].replace("|", "\\|") for c in COLUMNS) + " |")
+    columns = MD_COLUMNS_EVAL if metric.is_eval else MD_COLUMNS_LOSS
+    titles = {**HEADERS, "value": f"{metric.name} (95% CI)" if metric.is_eval else metric.name,
+              "vs_best": "vs best: difference [95% CI]"}  # fmt: skip
+    lines += ["", "| " + " | ".join(titles[c] for c in columns) + " |"]
+    lines.append("|" + "|".join("---" for _ in columns) + "|")
+    for row in table:
+        cells = [md_cell(c, row).replace("|", "\\|") for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def write_csv(path: Path, table: list[dict[str, Any]]) -> None:
     """``report.csv``: the same rows; floats in full (``repr``), empty cells for none."""
     with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         for row in table:
-            writer.writerow({c: "" if row[c] is None else row[c] for c in COLUMNS})
+            writer.writerow({c: "" if row.get(c) is None else row[c] for c in COLUMNS})
+
+
+def plot_scores(ranked: Ranked, path: Path, swept: dict[str, list[str]]) -> None:
+    """Each job's (and the base model's) score with its interval, best at the top."""
+    points = [r for r in ranked.rows if r["value"] is not None and r["ci_low"] is not None]
+    fig = Figure(figsize=(10, 1.5 + 0.45 * max(len(points), 1)), layout="constrained")
+    ax = fig.subplots()
+    for y, row in enumerate(reversed(points)):
+        colour = "grey" if row["status"] == BASE else (
+            "tab:red" if row["vs_best"] == "best" else "tab:blue")  # fmt: skip
+        ax.errorbar(row["value"], y, xerr=[[row["value"] - row["ci_low"]],
+                    [row["ci_high"] - row["value"]]], fmt="o", color=colour, capsize=4)  # fmt: skip
+    ax.set_yticks(range(len(points)), [score_label(r, swept) for r in reversed(points)],
+                  fontsize="small")  # fmt: skip
+    ax.set(xlabel=f"{ranked.metric.name} (95% bootstrap interval)", title=ranked.metric.name)
+    ax.grid(alpha=0.3, axis="x")
+    fig.savefig(path, dpi=100)
+
+
+def score_label(row: dict[str, Any], swept: dict[str, list[str]]) -> str:
+    """A row's name on the score plot: the job and its swept overrides, kept short."""
+    params = dict(o.split("=", 1) for o in row["overrides"].split(",") if "=" in o)
+    parts = [f"{k}={params[k]}" for k in swept if k in params] or [row["overrides"]]
+    text = f"{row['job']}: {','.join(parts)}" if any(parts) else row["job"]
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def plot_run(results: dict[str, Any], path: Path) -> None:
@@ -328,27 +590,31 @@ def plot_val_curves(jobs: Sequence[Job], path: Path, swept: dict[str, list[str]]
     fig.savefig(path, dpi=100)
 
 
-def plot_param(jobs: Sequence[Job], key: str, path: Path) -> None:
-    """Best val loss against one swept key: numeric on a number axis, else categorical."""
-    points = [
-        (job.params.get(key, ""), loss)
-        for job in jobs
-        if job.results and (loss := number(job.results.get("best_val_loss"))) is not None
-    ]
+def plot_param(jobs: Sequence[Job], key: str, path: Path, metric: Metric) -> None:
+    """The ranking metric against one swept key: numeric on a number axis, else categorical;
+    eval scores with their intervals."""
+    points = []
+    for job in jobs:
+        value = value_of(metric, job.results)
+        if job.results and not math.isnan(value):
+            found = interval_of(metric, job.results) if metric.is_eval else None
+            err = (value - found[1], found[2] - value) if found else (0.0, 0.0)
+            points.append((job.params.get(key, ""), value, err))
     fig = Figure(figsize=(6, 4), layout="constrained")
     ax = fig.subplots()
-    numeric = bool(points) and all(number(v) is not None for v, _ in points)
+    numeric = bool(points) and all(number(v) is not None for v, _, _ in points)
     if numeric:
-        xs = [float(v) for v, _ in points]
-        ax.scatter(xs, [loss for _, loss in points], s=50)
+        xs = [float(v) for v, _, _ in points]
         if max(xs) > 0 and min(xs) > 0 and max(xs) / min(xs) >= 100:  # e.g. learning rates
             ax.set_xscale("log")
     else:
-        categories = sorted({v for v, _ in points})
-        ax.scatter([categories.index(v) for v, _ in points], [loss for _, loss in points], s=50)
+        categories = sorted({v for v, _, _ in points})
+        xs = [categories.index(v) for v, _, _ in points]
         ax.set_xticks(range(len(categories)), [c or "(unset)" for c in categories])
         ax.set_xlim(-0.5, len(categories) - 0.5)  # room at the edges for two categories
-    ax.set(xlabel=key, ylabel="best validation loss", title=f"best val loss by {key}")
+    errors = [[e[0] for _, _, e in points], [e[1] for _, _, e in points]]
+    ax.errorbar(xs, [v for _, v, _ in points], yerr=errors, fmt="o", capsize=4)
+    ax.set(xlabel=key, ylabel=metric.name, title=f"{metric.name} by {key}")
     ax.grid(alpha=0.3)
     fig.savefig(path, dpi=100)
 
@@ -357,24 +623,30 @@ def safe_name(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", key).strip("_") or "param"
 
 
-def report(folder: str | Path) -> list[Path]:
+def report(folder: str | Path, metric: str = "auto") -> list[Path]:
     """Write report.md, report.csv and the plots into ``folder``; the files written."""
     folder = Path(folder)
     jobs = find_jobs(folder)
-    table = rows(jobs)
+    ranked = rank(jobs, metric)
+    for warning in ranked.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     written = [folder / "report.md", folder / "report.csv"]
-    written[0].write_text(markdown(folder, table), encoding="utf-8")
-    write_csv(written[1], table)
+    written[0].write_text(markdown(folder, ranked), encoding="utf-8")
+    write_csv(written[1], ranked.rows)
+    swept = swept_params(jobs)
+    if ranked.metric.is_eval:
+        path = folder / f"{safe_name(ranked.metric.name)}.png"
+        plot_scores(ranked, path, swept)
+        written.append(path)
     if is_run_folder(folder):  # a single run: its own train and val curves
         job = jobs[0]
         plot_run({**(job.results or {}), **job.curves()}, folder / "loss.png")
         return [*written, folder / "loss.png"]
-    swept = swept_params(jobs)
     plot_val_curves(jobs, folder / "val_loss.png", swept)
     written.append(folder / "val_loss.png")
     for key in swept:
-        path = folder / f"best_val_loss_by_{safe_name(key)}.png"
-        plot_param(jobs, key, path)
+        path = folder / f"best_{safe_name(ranked.metric.name)}_by_{safe_name(key)}.png"
+        plot_param(jobs, key, path, ranked.metric)
         written.append(path)
     return written
 
@@ -382,9 +654,16 @@ def report(folder: str | Path) -> list[Path]:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m instruct.report", description=__doc__)
     parser.add_argument("folder", type=Path, help="a Hydra multirun folder or one run folder")
+    parser.add_argument(
+        "--metric",
+        default="auto",
+        help="the ranking column (report.metric): auto (the eval headline score when the jobs "
+        "were evaluated, else val_loss), val_loss, or <suite>/<figure> such as "
+        "ifeval/inst_loose",
+    )
     args = parser.parse_args(argv)
     try:
-        written = report(args.folder)
+        written = report(args.folder, args.metric)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
     for path in written:

@@ -12,6 +12,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from instruct.config import CONFIG_MODULE, HYDRA_VERSION_BASE, register_schemas
+from instruct.eval.metric import resolve, sweeper_value
 from instruct.sweep import NEW_SWEEP_FLAG, continue_sweep, override_values, sweep_folder
 from instruct.train import join_launch, train
 
@@ -20,7 +21,9 @@ from instruct.train import join_launch, train
     config_path=f"pkg://{CONFIG_MODULE}", config_name="config", version_base=HYDRA_VERSION_BASE
 )
 def main(cfg: DictConfig) -> float:
-    """Train one job; return its best validation loss, for Hydra sweepers to minimise."""
+    """Train one job; return its ``report.metric`` for Hydra sweepers: the eval headline
+    score (to maximise) when the job is evaluated, else the best validation loss (to
+    minimise). :func:`metric_direction` gives sweepers the matching direction."""
     hydra_cfg = HydraConfig.get()
     cfg.run_dir = hydra_cfg.runtime.output_dir
     if cfg.logger.name is None:
@@ -32,7 +35,16 @@ def main(cfg: DictConfig) -> float:
         if cfg.trainer.resume is None:  # the sweep run again: finished jobs skip, killed resume
             cfg.trainer.resume = "auto"
     command = ["python", "-m", "instruct.run", *hydra_cfg.overrides.task]
-    return train(cfg, command)["best_val_loss"]
+    results = train(cfg, command)
+    return sweeper_value(resolve(cfg.report.metric, results), results)
+
+
+def with_sweep_eval(argv: list[str]) -> list[str]:
+    """``argv`` with ``eval=quick`` added to a sweep that names no eval config: every job of
+    a sweep ends with the same evaluation, so the sweep can be ranked by it."""
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    named = any(a.lstrip("+~").startswith("eval=") for a in argv)
+    return [*argv, "eval=quick"] if multirun and not named else argv
 
 
 def agree_on_run_folder(argv: list[str]) -> list[str]:
@@ -89,7 +101,7 @@ def leave_process_group() -> None:
 
 if __name__ == "__main__":
     register_schemas()
-    sys.argv = agree_on_run_folder(sys.argv)
+    sys.argv = agree_on_run_folder(with_sweep_eval(sys.argv))
     try:
         main()
     finally:

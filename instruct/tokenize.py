@@ -326,6 +326,9 @@ def prepare(
 ) -> tuple[list[Feature], PrepareStats]:
     """Tokenize, truncate to ``max_length`` and drop examples left with nothing to train on."""
     ids, labels, lengths, straddles = encode_flat(rendered, tokenizer)
+    # int64 throughout: with no examples, NumPy would make the empty arrays float, and a
+    # float array cannot index (an empty validation split crashed here).
+    lengths = np.asarray(lengths, dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     kept = np.minimum(lengths, max_length)
     # Supervised tokens of each truncated example, position 0 excluded (never predicted).

@@ -50,6 +50,7 @@ from instruct.checkpoint import (
 )
 from instruct.config import check, to_container
 from instruct.data import Example, load_splits, prompt_and_reference, provenance
+from instruct.eval.runner import check_eval, eval_enabled
 from instruct.generate import generate
 from instruct.loss import hidden_or_logits, loss_sum
 from instruct.model import (
@@ -225,7 +226,14 @@ def train(cfg: DictConfig, command: Sequence[str] | None = None) -> dict[str, An
     """
     finished = finished_results(cfg)
     if finished is not None:
-        log.info("%s: this run already finished (results.json); nothing to do", cfg.run_dir)
+        if not needs_evaluation(cfg, finished):
+            log.info("%s: this run already finished (results.json); nothing to do", cfg.run_dir)
+            return finished
+        # Trained but not evaluated with this eval config (killed while it evaluated, or
+        # continued with another eval): evaluate its best checkpoint now.
+        log.info("%s: this run already trained (results.json); evaluating it", cfg.run_dir)
+        finished["eval"] = evaluate_best(cfg, finished, tracker=None)
+        write_results(Path(cfg.run_dir), finished)
         return finished
     run = setup(cfg)
     try:
@@ -244,7 +252,14 @@ def train(cfg: DictConfig, command: Sequence[str] | None = None) -> dict[str, An
         run.tracker.finish(exit_code=1)
         raise
     if run.accelerator.is_main_process:
-        (run.run_dir / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+        if eval_enabled(cfg.eval):
+            try:
+                results["eval"] = evaluate_best(cfg, results, run.tracker, run.model)
+            except BaseException:
+                write_results(run.run_dir, results)  # training's results are not lost
+                run.tracker.finish(exit_code=1)
+                raise
+        write_results(run.run_dir, results)
         write_loss_plot(results, run.run_dir / "loss.png")
     run.tracker.finish()
     log.info(
@@ -255,6 +270,53 @@ def train(cfg: DictConfig, command: Sequence[str] | None = None) -> dict[str, An
         results["checkpoint"],
     )
     return results
+
+
+def write_results(run_dir: Path, results: dict[str, Any]) -> None:
+    """``results.json``, through a temporary file: a kill never leaves half of it."""
+    tmp = run_dir / ".results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2), encoding="utf-8")
+    os.replace(tmp, run_dir / "results.json")
+
+
+def needs_evaluation(cfg: DictConfig, results: dict[str, Any]) -> bool:
+    """A finished run whose results lack this eval config's suites."""
+    done = results.get("eval") or {}
+    return eval_enabled(cfg.eval) and done.get("suites") != list(cfg.eval.suites)
+
+
+def evaluate_best(
+    cfg: DictConfig, results: dict[str, Any], tracker: Any, model: Any = None
+) -> dict[str, Any]:
+    """The eval suites on the best checkpoint, loaded as ``python -m instruct.evaluate``
+    loads it, so both give the same numbers; without a saved checkpoint
+    (``trainer.save_best=false``), on the model as training left it."""
+    from instruct.eval.runner import evaluate_model
+    from instruct.generate import load_for_inference
+
+    start = time.perf_counter()
+    if results.get("checkpoint"):
+        model, tokenizer, run_cfg = load_for_inference(results["checkpoint"])
+    elif model is not None:
+        from accelerate.utils import extract_model_from_parallel
+
+        model, run_cfg = extract_model_from_parallel(model), cfg
+        tokenizer = build_tokenizer_for(cfg)
+    else:
+        raise ValueError("eval: the run saved no checkpoint (trainer.save_best=false)")
+    log.info("evaluating %s with eval=%s", results.get("checkpoint") or "the final model",
+             cfg.eval.name)  # fmt: skip
+    summary = evaluate_model(cfg.eval, model, tokenizer, run_cfg, Path(cfg.run_dir) / "eval",
+                             tracker, step=int(results.get("steps") or 0))  # fmt: skip
+    summary["total_seconds"] = time.perf_counter() - start
+    return summary
+
+
+def build_tokenizer_for(cfg: DictConfig) -> Any:
+    """The run's tokenizer with its template's tokens, as training had it."""
+    model, tokenizer = build_model(cfg.model)
+    fit_tokenizer(model, tokenizer, cfg.template)
+    return tokenizer
 
 
 def write_loss_plot(results: dict[str, Any], path: Path) -> None:
@@ -354,6 +416,8 @@ RESUMABLE_CHANGES = (
     "trainer.save_best",
     "trainer.tokenized_cache",
     "trainer.keep_freed_memory",
+    "eval.",  # what is measured after training, not how it trains
+    "report.",
 )
 
 
@@ -615,6 +679,8 @@ def setup(cfg: DictConfig) -> Run:
     if not cfg.run_dir:
         raise ValueError("run_dir: set it (the CLI takes it from Hydra's run folder)")
     check(cfg)
+    if eval_enabled(cfg.eval):  # a bad suite name fails now, not after training
+        check_eval(cfg.eval)
     t = cfg.trainer
     point = resume_point(cfg)
     if point is not None:
@@ -1042,6 +1108,9 @@ class Run:
             "train_seconds": self.train_seconds,  # optimizer steps only
             "eval_seconds": self.eval_seconds,  # validations, samples and checkpoints
             "packing": self.packed,
+            # What the validation loss was measured on: runs whose fingerprints differ
+            # (another template or data set) have losses that cannot be compared.
+            "val_fingerprint": data_fingerprint(self.val_set),
             "checkpoint": str(self.best_dir) if t.save_best else None,
             **self.info,
         }

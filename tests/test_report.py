@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from matplotlib.image import imread
 
-from instruct.report import find_jobs, plot_run, report, rows, swept_params
+from instruct.report import find_jobs, plot_run, rank, report, rows, swept_params
 from tests.conftest import run_module
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -232,3 +232,120 @@ def test_cli_writes_the_report(sweep, tmp_path):
     assert done.returncode != 0
     assert f"error: {missing}" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# --- ranking by an eval score, with intervals, ties and the base model's row -------------
+
+
+def write_evaluated_job(root: Path, index: int, overrides: list[str], passed: list[int],
+                        base: list[int], fingerprint: str = "same") -> None:  # fmt: skip
+    """A finished job whose eval (one suite, prompt-level 0/1 per prompt) is written by the
+    runner's own functions, as a real run writes it."""
+    from types import SimpleNamespace
+
+    from instruct.eval.runner import headline, save_result, summarise
+    from instruct.eval.suite import Score, SuiteResult
+
+    cfg = SimpleNamespace(bootstrap_samples=500, confidence=0.95, seed=0)
+    job = write_job(root, index, [*COMMON, *overrides])
+    ids = [f"k{i}" for i in range(len(passed))]
+    evaluation = {"name": "quick", "suites": ["ifeval"], "tuned": {}, "base": {}}
+    for label, values in (("tuned", passed), ("base", base)):
+        result = SuiteResult(
+            "ifeval", ids, {"prompt_strict": Score(values, [1] * len(values))}, "prompt_strict"
+        )
+        save_result(job / "eval", label, result)
+        evaluation[label]["ifeval"] = summarise(result, cfg)
+    evaluation["headline"] = headline(evaluation)
+    results = {**fake_results(2.0 + index, index), "eval": evaluation}
+    results["val_fingerprint"] = fingerprint
+    (job / "results.json").write_text(json.dumps(results), encoding="utf-8")
+
+
+@pytest.fixture
+def evaluated(tmp_path) -> Path:
+    """Job 1 wins on every prompt where the others differ; jobs 0 and 2 are identical."""
+    root = tmp_path / "multirun" / "2026-12-01" / "10-00-00"
+    base = [0] * 60
+    middling = [1 if i % 3 == 0 else 0 for i in range(60)]  # 20 of 60
+    strong = [1 if i % 3 == 0 or i < 30 else 0 for i in range(60)]  # 40 of 60
+    write_evaluated_job(root, 0, ["optimizer.lr=1e-4"], middling, base)
+    write_evaluated_job(root, 1, ["optimizer.lr=1e-3"], strong, base)
+    write_evaluated_job(root, 2, ["optimizer.lr=1e-5"], middling, base)
+    return root
+
+
+def test_an_evaluated_sweep_is_ranked_by_the_eval_score_with_ties(evaluated):
+    ranked = rank(find_jobs(evaluated))
+    assert ranked.metric.name == "ifeval/prompt_strict" and ranked.metric.higher_is_better
+    table = {r["job"]: r for r in ranked.rows}
+    assert [r["job"] for r in ranked.rows][:3] == ["1", "0", "2"]
+    assert table["1"]["vs_best"] == "best" and table["1"]["value"] == pytest.approx(40 / 60)
+    low, high = table["1"]["ci_low"], table["1"]["ci_high"]
+    assert low < 40 / 60 < high
+    for job in ("0", "2"):  # 20 prompts worse, never better: separated from the best
+        assert table[job]["vs_best"] == "below best"
+        assert table[job]["diff"] == pytest.approx(-20 / 60)
+        assert table[job]["diff_ci_high"] < 0
+    base = table["base model"]
+    assert base["status"] == "base model" and base["value"] == 0.0 and base["rank"] is None
+    assert len([r for r in ranked.rows if r["status"] == "base model"]) == 1  # shared base
+    assert ranked.warnings == []  # an eval score: no validation-loss warning
+
+
+def test_identical_jobs_are_tied_with_the_best(tmp_path):
+    root = tmp_path / "sweep"
+    same = [1 if i % 2 else 0 for i in range(40)]
+    write_evaluated_job(root, 0, ["optimizer.lr=1e-4"], same, [0] * 40)
+    write_evaluated_job(root, 1, ["optimizer.lr=1e-3"], same, [0] * 40)
+    table = rank(find_jobs(root)).rows
+    assert table[0]["vs_best"] == "best" and table[1]["vs_best"] == "tied with best"
+    assert table[1]["diff"] == 0 and table[1]["prompts_to_separate"] is None
+    report(root)
+    text = (root / "report.md").read_text(encoding="utf-8")
+    assert "tied with best: +0.0000 [+0.0000, +0.0000]" in text
+    assert "ifeval/prompt_strict (95% CI)" in text and "| base model |" in text
+
+
+def test_report_files_carry_the_intervals_and_a_score_plot(evaluated):
+    written = report(evaluated)
+    names = {p.name for p in written}
+    assert "ifeval_prompt_strict.png" in names
+    assert "best_ifeval_prompt_strict_by_optimizer.lr.png" in names
+    assert_png(evaluated / "ifeval_prompt_strict.png")
+    with (evaluated / "report.csv").open(newline="", encoding="utf-8") as f:
+        parsed = list(csv.DictReader(f))
+    assert parsed[0]["job"] == "1" and parsed[0]["vs_best"] == "best"
+    assert float(parsed[0]["ci_low"]) < float(parsed[0]["value"]) < float(parsed[0]["ci_high"])
+    assert parsed[-1]["job"] == "base model"
+    assert parsed[1]["vs_best"] == "below best" and float(parsed[1]["diff_ci_high"]) < 0
+
+
+def test_val_loss_ranking_warns_when_validation_tokens_differ(tmp_path):
+    root = tmp_path / "templates"
+    for i, (template, fp) in enumerate((("alpaca", "aaa"), ("chatml", "ccc"))):
+        job = write_job(root, i, [*COMMON, f"template={template}"])
+        results = {**fake_results(2.0 + i, i), "val_fingerprint": fp}
+        (job / "results.json").write_text(json.dumps(results), encoding="utf-8")
+    ranked = rank(find_jobs(root))
+    assert ranked.metric.name == "val_loss"
+    assert len(ranked.warnings) == 1 and "different tokens" in ranked.warnings[0]
+    report(root)
+    assert "**Warning:**" in (root / "report.md").read_text(encoding="utf-8")
+
+
+def test_val_loss_ranking_does_not_warn_when_only_the_learning_rate_differs(tmp_path):
+    root = tmp_path / "lr"
+    for i, lr in enumerate(("1e-4", "1e-3")):
+        job = write_job(root, i, [*COMMON, f"optimizer.lr={lr}"])
+        results = {**fake_results(2.0 + i, i), "val_fingerprint": "same"}
+        (job / "results.json").write_text(json.dumps(results), encoding="utf-8")
+    assert rank(find_jobs(root)).warnings == []
+
+
+def test_metric_can_be_chosen(evaluated):
+    ranked = rank(find_jobs(evaluated), "val_loss")
+    assert ranked.metric.name == "val_loss" and not ranked.metric.higher_is_better
+    assert [r["job"] for r in ranked.rows] == ["0", "1", "2"]  # by loss, no base row
+    with pytest.raises(ValueError, match="report.metric"):
+        rank(find_jobs(evaluated), "nonsense")

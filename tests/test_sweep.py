@@ -35,6 +35,8 @@ FAST = [
     "data.domains=[math]",
     "trainer.samples=0",
 ]
+# eval=quick as a sweep's default, cut to 6 prompts and 8 tokens for the tiny model.
+EVAL = ["eval=quick", "eval.ifeval.subset=6", "eval.max_new_tokens=8"]
 SWEPT = ["template=alpaca,vicuna", "lora.rank=4,8"]
 JOBS = {0: ("alpaca", 4), 1: ("alpaca", 8), 2: ("vicuna", 4), 3: ("vicuna", 8)}  # Hydra's order
 FIXED = {
@@ -43,6 +45,9 @@ FIXED = {
     "trainer.eval_every": 1,
     "data.domains": ["math"],
     "trainer.samples": 0,
+    "eval": "quick",
+    "eval.ifeval.subset": 6,
+    "eval.max_new_tokens": 8,
 }
 
 
@@ -77,7 +82,7 @@ def sweep(tmp_path_factory):
     """``python -m instruct.run -m <FAST> template=alpaca,vicuna lora.rank=4,8``, once, in a
     fresh working directory: Hydra picks the timestamped folder, as for a user."""
     cwd = tmp_path_factory.mktemp("sweep")
-    proc = run_cli(cwd, "-m", *FAST, *SWEPT)
+    proc = run_cli(cwd, "-m", *FAST, *EVAL, *SWEPT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (folder,) = cwd.glob("outputs/multirun/*/*")
     return SimpleNamespace(cwd=cwd, folder=folder, proc=proc)
@@ -105,12 +110,23 @@ def test_each_job_is_its_own_wandb_run_in_the_sweeps_group(sweep):
         ]
         assert logged == pairs(results(job)["val_loss_history"])
         assert recorded["summary"]["best_val_loss"] == pytest.approx(results(job)["best_val_loss"])
+        # The shared evaluation: scores with intervals, the base model's, and the replies.
+        scores = results(job)["eval"]["tuned"]["ifeval"]["scores"]
+        summary = recorded["summary"]
+        for figure in ("prompt_strict", "inst_strict", "prompt_loose", "inst_loose"):
+            name = f"eval/ifeval/{figure}"
+            assert summary[name] == pytest.approx(scores[figure]["value"])
+            assert [summary[f"{name}_ci_low"], summary[f"{name}_ci_high"]] == scores[figure]["ci"]
+            assert f"eval/base/ifeval/{figure}" in summary
+        assert any("eval/ifeval/prompt_strict" in row for row in recorded["history"])
+        tables = [r for r in recorded["history"] if r.get("eval/ifeval/_type") == "table-file"]
+        assert len(tables) == 1 and tables[0]["eval/ifeval/nrows"] == 6  # the replies
         seen.append((run["id"], run["name"]))
     assert len({i for i, _ in seen}) == 4 and len({n for _, n in seen}) == 4
 
 
 @pytest.mark.slow
-def test_the_report_matches_every_results_json(sweep):
+def test_the_report_ranks_by_the_eval_score_with_intervals_and_base_rows(sweep):
     done = subprocess.run(
         [sys.executable, "-m", "instruct.report", str(sweep.folder)],
         cwd=sweep.cwd,
@@ -121,34 +137,57 @@ def test_the_report_matches_every_results_json(sweep):
     assert done.returncode == 0, done.stderr[-3000:]
     with (sweep.folder / "report.csv").open(newline="", encoding="utf-8") as f:
         table = list(csv.DictReader(f))
-    assert len(table) == 4
-    losses = [float(row["best_val_loss"]) for row in table]
-    assert losses == sorted(losses)
+    jobs, bases = table[:4], table[4:]
+    assert [row["status"] for row in jobs] == ["finished"] * 4
+    # One base-model row per template, each scored with that template.
+    assert sorted(row["job"] for row in bases) == [
+        "base model (template=alpaca)",
+        "base model (template=vicuna)",
+    ]
+    values = [float(row["value"]) for row in jobs]
+    assert values == sorted(values, reverse=True)  # a score: higher first
+    assert jobs[0]["vs_best"] == "best"
     for row in table:
+        assert row["metric"] == "ifeval/prompt_strict"
+        assert float(row["ci_low"]) <= float(row["value"]) <= float(row["ci_high"])
+    for row in table[1:]:
+        tied = float(row["diff_ci_low"]) <= 0 <= float(row["diff_ci_high"])
+        assert row["vs_best"] == ("tied with best" if tied else "below best")
+    for row in jobs:
         job = sweep.folder / row["job"]
         r = results(job)
         template, rank = JOBS[int(row["job"])]
-        assert row["status"] == "finished"
         assert (
             f"template={template}" in row["overrides"] and f"lora.rank={rank}" in row["overrides"]
         )
+        tuned = r["eval"]["tuned"]["ifeval"]
+        assert float(row["value"]) == tuned["scores"]["prompt_strict"]["value"]
+        assert int(row["prompts"]) == tuned["prompts"] == 6
         assert float(row["best_val_loss"]) == r["best_val_loss"]
-        assert int(row["best_step"]) == r["best_step"]
-        assert float(row["final_train_loss"]) == r["final_train_loss"]
-        assert int(row["supervised_tokens"]) == r["supervised_tokens"]
-        assert float(row["train_seconds"]) == r["train_seconds"]
         assert row["checkpoint"] == r["checkpoint"] == str(job / "checkpoints" / "best")
         assert_png(job / "loss.png")
 
     text = (sweep.folder / "report.md").read_text(encoding="utf-8")
-    assert "4 of 4 jobs finished." in text
-    body = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert len(body) == 4
-    best = table[0]
-    assert "**best**" in body[0] and f"| {best['job']} |" in body[0]
-    assert f"{float(best['best_val_loss']):.4f}" in body[0]
-    for name in ("val_loss.png", "best_val_loss_by_template.png", "best_val_loss_by_lora.rank.png"):
+    assert "4 of 4 jobs finished." in text and "Ranked by **ifeval/prompt_strict**" in text
+    assert "| base model (template=alpaca) |" in text
+    assert "warning" not in done.stderr.lower()
+    for name in ("val_loss.png", "ifeval_prompt_strict.png",
+                 "best_ifeval_prompt_strict_by_template.png"):  # fmt: skip
         assert_png(sweep.folder / name)
+
+    # Ranked by validation loss instead: the two templates' losses measure different tokens.
+    done = subprocess.run(
+        [sys.executable, "-m", "instruct.report", str(sweep.folder), "--metric", "val_loss"],
+        cwd=sweep.cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "measured on different tokens" in done.stderr
+    with (sweep.folder / "report.csv").open(newline="", encoding="utf-8") as f:
+        losses = [float(row["best_val_loss"]) for row in csv.DictReader(f)]
+    assert losses == sorted(losses)
 
 
 @pytest.mark.slow
@@ -164,7 +203,7 @@ def test_the_same_command_continues_the_sweep(sweep):
         path.unlink() if path.is_file() else path.rmdir()
     (jobs[3] / "checkpoints" / "step-00000002").rmdir()
 
-    proc = run_cli(sweep.cwd, "-m", *FAST, *SWEPT)
+    proc = run_cli(sweep.cwd, "-m", *FAST, *EVAL, *SWEPT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     relative = sweep.folder.relative_to(sweep.cwd)
     assert f"continuing sweep {relative}: 3 of 4 jobs finished, skipping them" in proc.stderr
@@ -192,7 +231,10 @@ def test_an_optuna_search_of_three_trials(tmp_path):
         "hydra_plugins.hydra_optuna_sweeper",
         reason="hydra-optuna-sweeper is not installed: pip install -e '.[optuna]' (setup.sh does)",
     )
-    proc = run_cli(tmp_path, "-m", "hydra/sweeper=optuna_lr", "hydra.sweeper.n_trials=3", *FAST)
+    # eval=none: each trial returns its best validation loss, which Optuna minimises.
+    proc = run_cli(
+        tmp_path, "-m", "hydra/sweeper=optuna_lr", "hydra.sweeper.n_trials=3", *FAST, "eval=none"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (folder,) = tmp_path.glob("outputs/multirun/*/*")
     trials = sorted(p for p in folder.iterdir() if p.name.isdigit())
@@ -212,6 +254,17 @@ def test_an_optuna_search_of_three_trials(tmp_path):
     lr, rank, winner = min(params, key=lambda p: p[2]["best_val_loss"])
     assert best["best_value"] == winner["best_val_loss"]  # what main returned to Optuna
     assert best["best_params"] == {"optimizer.lr": lr, "lora.rank": rank}
+    # Only the learning rate and rank differ: the same validation tokens, no warning.
+    done = subprocess.run(
+        [sys.executable, "-m", "instruct.report", str(folder)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Ranked by **val_loss**" in (folder / "report.md").read_text(encoding="utf-8")
+    assert "warning" not in done.stderr.lower()
 
 
 @pytest.mark.parametrize("name", option_names("experiment"))
@@ -226,6 +279,26 @@ def test_every_experiment_composes_and_sweeps(name):
     for override in OverridesParser.create().parse_overrides(params):
         for value in override.sweep_string_iterator():
             compose([f"+experiment={name}", f"{override.get_key_element()}={value}"])
+
+
+def test_sweepers_are_told_which_way_the_metric_goes():
+    """Optuna maximises an eval score and minimises a validation loss (what main returns)."""
+    for overrides, direction in (
+        (["eval=quick"], "maximize"),
+        (["eval=none"], "minimize"),
+        (["eval=quick", "report.metric=val_loss"], "minimize"),
+        (["eval=none", "report.metric=ifeval/inst_loose"], "maximize"),
+    ):
+        cfg = compose(["hydra/sweeper=optuna_lr", *overrides], return_hydra_config=True)
+        assert cfg.hydra.sweeper.direction == direction, overrides
+
+
+def test_a_sweep_gets_eval_quick_unless_it_names_an_eval():
+    from instruct.run import with_sweep_eval
+
+    assert with_sweep_eval(["run", "-m", "lora.rank=4,8"])[-1] == "eval=quick"
+    assert with_sweep_eval(["run", "-m", "eval=none"]) == ["run", "-m", "eval=none"]
+    assert with_sweep_eval(["run", "lora.rank=4"]) == ["run", "lora.rank=4"]  # one run
 
 
 def test_experiments_ship():
