@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import json
+import random
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from instruct.checkpoint import load_checkpoint
 from instruct.config import compose
-from instruct.generate import generate, prompt_messages
+from instruct.generate import (
+    chooser,
+    decode_pool,
+    generate,
+    pad_of,
+    prompt_messages,
+    reply_text,
+    stop_check,
+)
 from instruct.model import build_model, fit_tokenizer
-from instruct.templates import render, stop_tokens, to_messages
+from instruct.templates import render, render_many, stop_tokens, to_messages
 from instruct.tokenize import IGNORE_INDEX, encode
 from tests.conftest import run_module
 
@@ -105,3 +119,210 @@ def test_generate_cli_prints_the_reply(tuned_toy, tmp_path):
         cwd=tmp_path,
     )
     assert piped.returncode == 0 and piped.stdout.strip() == "Goodbye, and see you soon."
+
+
+# -- the pooled generation path ------------------------------------------------------------
+
+TEST_INSTRUCTIONS = Path(__file__).parent / "data" / "varied_prompts.jsonl"
+GREEDY = SimpleNamespace(max_new_tokens=40, do_sample=False, repetition_penalty=1.0, seed=0)
+
+
+@pytest.fixture(scope="module")
+def chatty():
+    """The tiny model with weights that say something: ``(model, tokenizer, template)``.
+
+    Its own init (std 0.02) writes one newline forever. Weights of std 0.3 give varied text,
+    and ``<|im_end|>``'s (tied) embedding scaled 3x makes it end replies after 0 to 40+
+    tokens, so one batch holds rows that stop early and rows that run to the budget.
+    """
+    cfg = compose(["model=tiny", "template=chatml"])
+    model, tokenizer = build_model(cfg.model)
+    fit_tokenizer(model, tokenizer, cfg.template)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        model.get_input_embeddings().weight[im_end] *= 3
+    return model.eval(), tokenizer, cfg.template
+
+
+def instructions(template) -> list[list[dict[str, str]]]:
+    """The 36 shipped test instructions (30 to 60 tokens with ChatML), one user turn each."""
+    lines = TEST_INSTRUCTIONS.read_text(encoding="utf-8").splitlines()
+    return [to_messages(json.loads(line), template) for line in lines]
+
+
+@torch.no_grad()
+def file_order_replies(model, tokenizer, template, conversations, sampling, batch_size=8):
+    """The path before the pool: ``model.generate`` on consecutive batches, cut afterwards."""
+    stop_ids, stop_strings = stop_tokens(template, tokenizer)
+    extra = {"stop_strings": stop_strings, "tokenizer": tokenizer} if stop_strings else {}
+    replies = []
+    for start in range(0, len(conversations), batch_size):
+        rendered = render_many(conversations[start : start + batch_size], template, tokenizer, True)
+        batch = tokenizer(
+            [r.text for r in rendered],
+            add_special_tokens=False,
+            padding=True,
+            padding_side="left",
+            return_tensors="pt",
+        )
+        out = model.generate(
+            **batch,
+            max_new_tokens=sampling.max_new_tokens,
+            do_sample=False,
+            eos_token_id=stop_ids,
+            pad_token_id=tokenizer.pad_token_id,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            **extra,
+        )
+        for row in out[:, batch["input_ids"].shape[1] :].tolist():
+            replies.append(reply_text(row, tokenizer, stop_ids, stop_strings))
+    return replies
+
+
+def test_greedy_replies_equal_model_generate_on_file_order_batches(chatty):
+    model, tokenizer, template = chatty
+    conversations = instructions(template)
+    replies = generate(model, tokenizer, template, conversations, GREEDY)
+    assert replies == file_order_replies(model, tokenizer, template, conversations, GREEDY)
+    lengths = [len(tokenizer(r, add_special_tokens=False).input_ids) for r in replies]
+    assert min(lengths) < 10 and max(lengths) >= 30, lengths  # short and long rows mixed
+
+
+def test_greedy_replies_equal_with_a_stop_string(chatty):
+    """An end of turn of several tokens ends a row as a stop string, as it did before."""
+    model, tokenizer, template = chatty
+    conversations = instructions(template)[:16]
+    plain = generate(model, tokenizer, template, conversations, GREEDY)
+    longest = max(plain, key=len)
+    # Two tokens from the middle of a reply: a string that occurs, so some rows are cut by it.
+    ids = tokenizer(longest, add_special_tokens=False).input_ids
+    stop = tokenizer.decode(ids[len(ids) // 2 : len(ids) // 2 + 2])
+    cut = template.copy()
+    cut.end_of_turn = stop
+    assert stop_tokens(cut, tokenizer)[1] == [stop.strip()]
+    replies = generate(model, tokenizer, cut, conversations, GREEDY)
+    assert replies == file_order_replies(model, tokenizer, cut, conversations, GREEDY)
+    assert replies != plain and all(stop.strip() not in r for r in replies)
+
+
+def test_replies_come_back_in_the_callers_order(chatty):
+    model, tokenizer, template = chatty
+    rendered = render_many(instructions(template), template, tokenizer, True)
+    # One prompt per token length, so the pool's order is the same whatever the input order.
+    by_length = {}
+    for conversation, r in zip(instructions(template), rendered, strict=True):
+        by_length.setdefault(len(tokenizer(r.text).input_ids), conversation)
+    conversations = list(by_length.values())
+    replies = generate(model, tokenizer, template, conversations, GREEDY, batch_size=4)
+    assert len(set(replies)) >= 20  # mostly distinct, so a misplaced reply would show
+    shuffled = list(range(len(conversations)))
+    random.Random(0).shuffle(shuffled)
+    again = generate(
+        model, tokenizer, template, [conversations[i] for i in shuffled], GREEDY, batch_size=4
+    )
+    assert again == [replies[i] for i in shuffled]
+
+
+def test_no_conversations_touch_nothing():
+    class Untouchable:
+        def __getattr__(self, name):
+            raise AssertionError(f"touched .{name}")
+
+    nothing = Untouchable()
+    assert generate(nothing, nothing, nothing, [], nothing) == []
+
+
+def test_a_row_leaves_the_batch_at_its_end_of_turn(chatty):
+    """Finished rows cost nothing: the decode steps feed exactly the tokens the unfinished
+    rows still need, never more than ``batch_size`` rows, and no reply carries padding."""
+    model, tokenizer, template = chatty
+    budget = 24  # the longest of these replies takes 31 tokens: some rows run to the budget
+    stop_ids, stop_strings = stop_tokens(template, tokenizer)
+    rendered = render_many(instructions(template), template, tokenizer, True)
+    prompts = [tokenizer(r.text, add_special_tokens=False).input_ids for r in rendered]
+    fed: list[tuple[int, int]] = []
+    hook = model.register_forward_pre_hook(
+        lambda _, args, kwargs: fed.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    try:
+        new = decode_pool(
+            model,
+            prompts,
+            sorted(range(len(prompts)), key=lambda i: -len(prompts[i])),
+            chooser(GREEDY),
+            stop_check(tokenizer, stop_ids, stop_strings, budget),
+            batch_size=8,
+            pad_id=pad_of(tokenizer),
+        )
+    finally:
+        hook.remove()
+    steps = [rows for rows, width in fed if width == 1]
+    assert max(rows for rows, _ in fed) <= 8
+    # Each row's first token comes from its prefill; each later one from one decode step.
+    assert sum(steps) == sum(len(ids) - 1 for ids in new)
+    assert sum(1 for _, width in fed if width > 1) < len(prompts)  # prefills share passes
+    stopped = [ids for ids in new if len(ids) < budget]
+    assert len(stopped) > len(prompts) // 2
+    for ids in stopped:
+        assert ids[-1] in stop_ids and not set(ids[:-1]) & set(stop_ids)
+    assert max(len(ids) for ids in new) == budget  # and some ran to the end
+
+
+def test_sampling_is_seeded(chatty):
+    model, tokenizer, template = chatty
+    conversations = instructions(template)[:10]
+    sampling = compose(
+        ["checkpoint=x", "sampling.max_new_tokens=24"], config_name="generate"
+    ).sampling
+    first = generate(model, tokenizer, template, conversations, sampling)
+    assert generate(model, tokenizer, template, conversations, sampling) == first
+    sampling.seed = 1
+    other = generate(model, tokenizer, template, conversations, sampling)
+    assert other != first and len(other) == len(first)
+    assert first != generate(model, tokenizer, template, conversations, GREEDY)
+
+
+def test_a_repetition_penalty_applies_to_each_row(chatty):
+    model, tokenizer, template = chatty
+    conversations = instructions(template)[:8]
+    penalised = SimpleNamespace(**{**vars(GREEDY), "repetition_penalty": 1.3})
+    replies = generate(model, tokenizer, template, conversations, penalised, batch_size=8)
+    alone = [generate(model, tokenizer, template, [c], penalised)[0] for c in conversations[:3]]
+    assert replies[:3] == alone
+    assert replies != generate(model, tokenizer, template, conversations, GREEDY)
+
+
+def test_processes_in_lock_step_get_the_same_replies_from_model_generate(chatty, monkeypatch):
+    """Under several processes the replies come from ``model.generate`` (which keeps sharded
+    processes stepping together), on the same length-sorted batches, in the caller's order."""
+    import instruct.generate as module
+
+    model, tokenizer, template = chatty
+    conversations = instructions(template)[:12]
+    pooled = generate(model, tokenizer, template, conversations, GREEDY)
+    monkeypatch.setattr(module, "in_lock_step", lambda model: True)
+    calls = []
+
+    def counted(**kwargs):
+        calls.append(kwargs["input_ids"].shape[0])
+        return type(model).generate(model, **kwargs)
+
+    monkeypatch.setattr(model, "generate", counted)
+    assert generate(model, tokenizer, template, conversations, GREEDY) == pooled
+    assert calls == [8, 4]
+
+
+def test_the_cache_grows_into_spare_columns_without_changing_a_reply(chatty, monkeypatch):
+    import instruct.generate as module
+
+    model, tokenizer, template = chatty
+    conversations = instructions(template)[:12]
+    default = generate(model, tokenizer, template, conversations, GREEDY)
+    monkeypatch.setattr(module, "SPARE_COLUMNS", 1)  # a copy at every step, as before
+    assert generate(model, tokenizer, template, conversations, GREEDY) == default
