@@ -93,12 +93,15 @@ def generate_baseline(
 
 
 def load_conversations(path: Path, template: Any, limit: int | None) -> list[list[Message]]:
-    """Each JSONL record (``instruction`` [+ ``input``] or ``messages``) as a conversation."""
+    """Each JSONL record (``instruction`` [+ ``input``], ``messages``, or an IFEval record's
+    ``prompt``, as the ifeval suite asks it) as a conversation."""
     records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
     if limit is not None:
         records = records[:limit]
     conversations = []
     for record in records:
+        if "instruction_id_list" in record:  # an IFEval-format record: its prompt, one turn
+            record = {"instruction": record["prompt"], "input": ""}
         messages = to_messages(record, template)
         if messages[-1]["role"] == "assistant":  # a worked example: ask for its last reply
             messages = messages[:-1]

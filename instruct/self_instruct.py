@@ -6,6 +6,11 @@ sampled tasks and asks for a batch of new ones as JSON; every candidate passes a
 filters, each counted by reason, the last being ROUGE-L similarity with every instruction
 already in the pool. Accepted tasks are appended and flushed one by one, so a killed run
 resumes where it stopped. The API key is read from the environment and written nowhere.
+
+Requests go through :class:`instruct.openai_client.ChatClient`: the tasks are asked for as
+JSON matching :func:`tasks_schema` in whichever structured-output form the server accepts,
+every raw response lands in ``responses.jsonl`` and every unusable one, with its text, in
+``rejected.jsonl``; ``meta.json`` holds the counts and why the run ended, however it ended.
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ import os
 import random
 import re
 import string
-import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -32,6 +36,14 @@ from tqdm.auto import tqdm
 from instruct.config import CONFIG_MODULE, HYDRA_VERSION_BASE, register_schemas
 from instruct.data import DataError, load_records
 from instruct.data.rouge import RougeIndex
+from instruct.openai_client import (
+    ChatClient,
+    ClientError,
+    ClientSettings,
+    Completion,
+    RequestFailed,
+    gather_or_cancel,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +60,9 @@ KEY_ALIASES = {
     "input": ("input", "context", "inputs"),
     "output": ("output", "response", "answer", "completion"),
 }
-PROMPT_VERSION = 1  # bump when PROMPT changes, so old data sets are not reused by mistake
+# Bump when PROMPT or the schema changes, so old data sets are not reused by mistake.
+# 2: the tasks come wrapped as {"tasks": [...]}, the root object structured output needs.
+PROMPT_VERSION = 2
 PROMPT = """\
 You are helping to build a diverse, high-quality data set for training a helpful, text-only \
 AI assistant. Here are {k} example tasks, as JSON:
@@ -65,16 +79,43 @@ files, web browsing or actions in the world.
 the instruction needs one, and is "" otherwise. Use an input for about a third of the tasks.
 - "output" is a correct, complete and well-written response to the instruction and input.
 
-Reply with only a JSON array of {n} objects, each with the keys "instruction", "input" and \
-"output"."""
+Reply with only a JSON object {{"tasks": [...]}} whose list holds {n} objects, each with the \
+keys "instruction", "input" and "output"."""
+# Responses without one accepted task after which a run stops with the rejection reasons.
+DIAGNOSE_AFTER = 40
+
+# The errors that stop generation (a bad key, an unknown model, a model that never follows
+# the format); the name callers have always caught.
+GenerationError = ClientError
 
 
-class GenerationError(RuntimeError):
-    """An error that retrying will not heal (bad key, unknown model, exhausted quota)."""
+def tasks_schema(n: int) -> dict[str, Any]:
+    """The JSON Schema of a reply: ``{"tasks": [{"instruction", "input", "output"}, ...]}``
+    with 1 to ``n`` tasks.
+
+    An object at the root and every key required, without extras: OpenAI's strict
+    structured outputs accept no less. ``maxItems`` keeps a grammar-constrained small model
+    (llama.cpp) from listing tasks until ``max_tokens`` cuts it off.
+    """
+    task = {
+        "type": "object",
+        "properties": {k: {"type": "string"} for k in ("instruction", "input", "output")},
+        "required": ["instruction", "input", "output"],
+        "additionalProperties": False,
+    }
+    tasks = {"type": "array", "items": task, "minItems": 1, "maxItems": n}
+    return {
+        "type": "object",
+        "properties": {"tasks": tasks},
+        "required": ["tasks"],
+        "additionalProperties": False,
+    }
 
 
 @dataclass
 class Stats:
+    """Counts over every session on one data set (requests and tokens from earlier ones)."""
+
     requests: int = 0
     failed_requests: int = 0
     prompt_tokens: int = 0
@@ -148,6 +189,14 @@ def parse_tasks(text: str, cut_off: bool = False) -> tuple[list[dict[str, str]],
         else:
             tasks.append(task)
     return tasks, +problems
+
+
+def parse_reply(text: str, cut_off: bool) -> tuple[tuple[list[dict[str, str]], Counter], str]:
+    """:func:`parse_tasks` as a :class:`~instruct.openai_client.ChatClient` parser: the tasks
+    and problems, and "ok" when at least one task came out, else the main problem."""
+    tasks, problems = parse_tasks(text, cut_off)
+    outcome = "ok" if tasks else (problems.most_common(1)[0][0] if problems else "no_tasks")
+    return (tasks, problems), outcome
 
 
 def _normalise_task(item: Any) -> dict[str, str] | None:
@@ -294,6 +343,19 @@ class Generator:
         )
         return PROMPT.format(k=len(examples), n=self.cfg.num_tasks_per_request, examples=shown)
 
+    def reject_response(self, completion: Completion, problems: Counter) -> None:
+        """Keep what could not be parsed from one response, with its raw text."""
+        self.stats.rejected.update(problems)
+        row = {
+            "reason": problems.most_common(1)[0][0],
+            "problems": dict(problems),
+            "finish_reason": completion.finish_reason,
+            "response_seq": completion.seq,  # the row of responses.jsonl it came from
+            "raw": completion.content,
+        }
+        self.rejected_file.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.rejected_file.flush()
+
     def consider(self, task: dict[str, str]) -> bool:
         """Filter one candidate; append it to the data set or to the rejects. Accepted?"""
         self.stats.candidates += 1
@@ -322,104 +384,74 @@ class Generator:
         return True
 
 
-def api_key(cfg: Any) -> str:
-    key = os.environ.get(cfg.api_key_env)
-    if key:
-        return key
-    if cfg.base_url:  # local servers (vLLM, llama.cpp, Ollama) often need no key
-        return "no-key"
-    raise GenerationError(
-        f"set the API key in the environment variable {cfg.api_key_env} "
-        f"(data.api_key_env names another variable)"
-    )
-
-
-def _fatal(error: Exception) -> str | None:
-    """A message when ``error`` will not heal by retrying, else None."""
-    import openai
-
-    if isinstance(error, openai.AuthenticationError):
-        return "the API rejected the key (401): check the key in the environment"
-    if isinstance(error, openai.PermissionDeniedError):
-        return "the API refused access (403)"
-    if isinstance(error, openai.NotFoundError):
-        return "the API does not know this endpoint or model (404): check data.model, base_url"
-    if isinstance(error, openai.RateLimitError) and getattr(error, "code", None) == (
-        "insufficient_quota"
-    ):
-        return "the API quota is exhausted (429 insufficient_quota)"
-    if isinstance(error, openai.BadRequestError):
-        return f"the API rejected the request (400): {error}"
-    return None
-
-
-async def _generate(gen: Generator, client: Any, target: int, bar: tqdm) -> None:
+async def _generate(gen: Generator, client: ChatClient, target: int, bar: tqdm) -> None:
     cfg, stats = gen.cfg, gen.stats
-    consecutive_failures = 0
-    stop: list[str] = []
+    accepted_before = stats.accepted
 
     async def worker() -> None:
-        nonlocal consecutive_failures
-        while gen.stats.accepted < target and not stop:
-            stats.requests += 1
+        # As many workers as data.concurrency; the client's adaptive limit decides how many
+        # of their requests are in flight at once.
+        while stats.accepted < target:
             try:
-                response = await client.chat.completions.create(
-                    model=cfg.model,
-                    messages=[{"role": "user", "content": gen.prompt()}],
+                completion = await client.complete(
+                    [{"role": "user", "content": gen.prompt()}],
+                    parse_reply,
+                    max_tokens=cfg.max_tokens,
                     temperature=cfg.temperature,
                     top_p=cfg.top_p,
-                    max_tokens=cfg.max_tokens,
                 )
-            except Exception as error:  # noqa: BLE001 - classified below
-                stats.failed_requests += 1
-                message = _fatal(error)
-                if message:
-                    stop.append(message)
-                    return
-                consecutive_failures += 1
-                log.warning("request failed after retries: %s", error)
-                if consecutive_failures >= cfg.max_failed_requests:
-                    stop.append(f"{consecutive_failures} requests in a row failed; last: {error}")
+            except RequestFailed as error:
+                log.warning("%s", error)
                 continue
-            consecutive_failures = 0
-            if response.usage is not None:
-                stats.prompt_tokens += response.usage.prompt_tokens or 0
-                stats.completion_tokens += response.usage.completion_tokens or 0
-            choice = response.choices[0]
-            tasks, problems = parse_tasks(
-                choice.message.content or "", cut_off=choice.finish_reason == "length"
-            )
-            stats.rejected.update(problems)
+            tasks, problems = completion.value
+            if problems:
+                gen.reject_response(completion, problems)
             for task in tasks:
-                if gen.stats.accepted >= target:
+                if stats.accepted >= target:
                     break
                 if gen.consider(task):
                     bar.update(1)
-            bar.set_postfix(requests=stats.requests, rejected=sum(stats.rejected.values()))
+            bar.set_postfix(requests=client.counts.requests, rejected=sum(stats.rejected.values()))
+            _diagnose(gen, client, accepted_before)
 
-    await asyncio.gather(*(worker() for _ in range(cfg.concurrency)))
-    if stop:
-        raise GenerationError(stop[0])
+    await gather_or_cancel(worker() for _ in range(cfg.concurrency))
 
 
-def write_meta(folder: Path, cfg: Any, settings: dict[str, Any], stats: Stats, seconds: float):
+def _diagnose(gen: Generator, client: ChatClient, accepted_before: int) -> None:
+    """Stop when :data:`DIAGNOSE_AFTER` responses parsed yet gave no acceptable task."""
+    if client.counts.ok < DIAGNOSE_AFTER or gen.stats.accepted > accepted_before:
+        return
+    if client.counts.parsed == 0:
+        return  # the client's own diagnosis (nothing parses) names the cause better
+    reasons = ", ".join(f"{n} {r}" for r, n in gen.stats.rejected.most_common(5))
+    raise GenerationError(
+        f"0 tasks accepted from {client.counts.ok} responses (rejected: {reasons}); "
+        f"see {gen.folder / REJECTED_FILE}"
+    )
+
+
+def meta_of(
+    cfg: Any, settings: dict[str, Any], gen: Generator, client: ChatClient
+) -> dict[str, Any]:
+    """Self-Instruct's part of meta.json: settings, target, counts over every session."""
+    stats = gen.stats.as_dict()
+    counts = client.counts
+    stats["requests"] += counts.requests
+    stats["failed_requests"] += counts.failed + counts.timeouts
+    stats["prompt_tokens"] += counts.prompt_tokens
+    stats["completion_tokens"] += counts.completion_tokens
     cost = None
     if cfg.price_input_per_mtok is not None and cfg.price_output_per_mtok is not None:
-        cost = (stats.prompt_tokens * cfg.price_input_per_mtok
-                + stats.completion_tokens * cfg.price_output_per_mtok) / 1e6  # fmt: skip
-    meta = {
+        cost = (stats["prompt_tokens"] * cfg.price_input_per_mtok
+                + stats["completion_tokens"] * cfg.price_output_per_mtok) / 1e6  # fmt: skip
+    return {
         "settings": settings,
         "base_url": cfg.base_url,
         "api_key_env": cfg.api_key_env,  # the variable's name only, never its value
         "target": cfg.num_instructions,
-        "stats": stats.as_dict(),
+        "stats": stats,
         "estimated_cost_usd": cost,
-        "seconds": round(seconds, 1),
     }
-    tmp = folder / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    tmp.replace(folder / META_FILE)
-    return meta
 
 
 def check_settings(cfg: Any) -> None:
@@ -442,6 +474,7 @@ def check_settings(cfg: Any) -> None:
 def ensure_dataset(cfg: Any) -> Path:
     """The data set for ``cfg``: reused when complete, else generated or resumed to target."""
     check_settings(cfg)
+    ClientSettings.from_config(cfg).api_key()  # a missing key fails before any file is made
     seeds_file = seed_path(cfg)
     seeds = [t for t in load_records([seeds_file]) if "instruction" in t]
     if not seeds:
@@ -457,24 +490,30 @@ def ensure_dataset(cfg: Any) -> Path:
         return folder
     if accepted:
         log.info("resuming %s at %d / %d tasks", folder, len(accepted), cfg.num_instructions)
-    import openai
-
-    client = openai.AsyncOpenAI(
-        api_key=api_key(cfg),
-        base_url=cfg.base_url,
-        timeout=cfg.request_timeout,
-        max_retries=cfg.max_retries,
-    )
+    client_settings = ClientSettings.from_config(cfg)
     gen = Generator(cfg, folder, seeds, accepted, previous)
-    start = time.perf_counter()
+    client = ChatClient(
+        client_settings,
+        folder,
+        tasks_schema(cfg.num_tasks_per_request),
+        "tasks",
+        extra_meta=lambda: meta_of(cfg, settings, gen, client),
+    )
     bar = tqdm(total=cfg.num_instructions, initial=len(accepted), desc="accepted", unit="task")
+
+    async def run() -> None:
+        try:
+            await _generate(gen, client, cfg.num_instructions, bar)
+        finally:
+            await client.aclose()
+
     try:
-        asyncio.run(_generate(gen, client, cfg.num_instructions, bar))
+        with client.session():
+            asyncio.run(run())
     finally:
         bar.close()
         gen.close()
-        meta = write_meta(folder, cfg, settings, gen.stats, time.perf_counter() - start)
-        log.info("self-instruct: %s", json.dumps(meta["stats"]))
+        log.info("self-instruct: %s", json.dumps(meta_of(cfg, settings, gen, client)["stats"]))
     return folder
 
 

@@ -10,18 +10,30 @@ patching the client::
         ...
         assert server.requests[0].headers["authorization"] == "Bearer sk-test"
 
+Beyond a fixed script it can play the servers the client must cope with:
+
+- ``FakeOpenAI(slots=1)``: one request generated at a time, the rest queued, and a request
+  the client gave up on still generated to the end (llama.cpp's server with one slot);
+- :meth:`FakeOpenAI.accept_formats`: refuse other ``response_format`` kinds with a 422, as
+  llama-cpp-python's server refuses OpenAI's ``json_schema``;
+- :meth:`FakeOpenAI.respond`: replies computed from each request (a judge that prefers one
+  text); :meth:`FakeOpenAI.fail_after`: a server that fails halfway through a run;
+- :attr:`FakeOpenAI.chat_count`: chat requests received, to prove a cache made none.
+
 Endpoints: ``POST /v1/chat/completions`` (non-streaming), ``GET /v1/models``; anything else
 is a 404 in OpenAI's error format.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -103,6 +115,20 @@ class Request:
     body: Any
 
 
+# response_format kinds, named as instruct.openai_client.FORMS names them.
+FORMS = ("json_schema", "json_object+schema", "json_object", "none")
+
+
+def format_of(body: Any) -> str:
+    """Which kind of ``response_format`` a request body asks for."""
+    fmt = body.get("response_format") if isinstance(body, dict) else None
+    if not fmt:
+        return "none"
+    if fmt.get("type") == "json_object":
+        return "json_object+schema" if fmt.get("schema") else "json_object"
+    return str(fmt.get("type"))
+
+
 def _error_body(message: str, type_: str, code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": None, "code": code}}
 
@@ -172,17 +198,26 @@ class _Handler(BaseHTTPRequestHandler):
             message = "FakeOpenAI does not support stream=true."
             self._send(400, _error_body(message, "invalid_request_error"))
             return
-        reply = self.server.fake._next_reply()
+        fake = self.server.fake
+        refusal = fake._refuse_format(body)
+        if refusal is not None:
+            self._send(422, refusal)
+            return
+        reply = fake._next_reply(body)
         if reply is None:
             # A test that forgot to script a reply is a bug, so tell the SDK not to retry it.
             message = "FakeOpenAI: no scripted reply left and no default set."
             self._send(500, _error_body(message, "server_error"), {"x-should-retry": "false"})
             return
-        fake = self.server.fake
         fake._in_flight(+1)
         try:
-            if reply.delay > 0 and fake._closed.wait(reply.delay):
-                return  # shut down mid-hang: the socket is gone, so do not try to answer
+            with fake._slot() as slot:
+                # A queued request waits for a slot; one the client gave up on keeps its slot
+                # to the end, as a real server keeps generating it.
+                if not slot:
+                    return
+                if reply.delay > 0 and fake._closed.wait(reply.delay):
+                    return  # shut down mid-hang: the socket is gone, so do not try to answer
             model = body.get("model", MODEL_ID) if isinstance(body, dict) else MODEL_ID
             self._send(reply.status, fake._payload(reply, model), reply.headers)
         finally:
@@ -218,8 +253,14 @@ class FakeOpenAI:
     promptly, even with a hung request in flight.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, slots: int | None = None) -> None:
         self._lock = threading.Lock()
+        # At most this many replies are generated at once; None: no limit.
+        self._slots = threading.BoundedSemaphore(slots) if slots else None
+        self._formats: set[str] | None = None  # accepted response_format kinds; None: all
+        self._responder: Callable[[Any], Reply] | None = None
+        self._fail_after: tuple[int, Reply] | None = None
+        self._served = 0  # chat requests answered from the script, responder or default
         self._closed = threading.Event()
         self._queue: deque[Reply] = deque()
         self._default: Reply | None = None
@@ -258,6 +299,33 @@ class FakeOpenAI:
         with self._lock:
             self._default = reply
 
+    def respond(self, responder: Callable[[Any], Reply] | None) -> None:
+        """Compute replies from each request's JSON body once the script runs out (before the
+        default): ``server.respond(lambda body: Reply(...))``."""
+        with self._lock:
+            self._responder = responder
+
+    def accept_formats(self, *forms: str) -> None:
+        """Accept only these ``response_format`` kinds (of :data:`FORMS`); others get the 422
+        llama-cpp-python's server sends for an unknown type. No arguments: accept all."""
+        unknown = set(forms) - set(FORMS)
+        if unknown:
+            raise ValueError(f"unknown response_format kinds {sorted(unknown)}; known: {FORMS}")
+        with self._lock:
+            self._formats = set(forms) or None
+
+    def fail_after(self, n: int, reply: Reply | None = None) -> None:
+        """Answer ``n`` more chat requests as usual, then every later one with ``reply``
+        (default: a 500) — a server that dies halfway through a run."""
+        with self._lock:
+            self._fail_after = (self._served + n, reply or Reply.server_error())
+
+    @property
+    def chat_count(self) -> int:
+        """Chat-completion requests received so far (refused and failed ones included)."""
+        with self._lock:
+            return sum(r.path == "/v1/chat/completions" for r in self._requests)
+
     def close(self) -> None:
         """Stop serving and drop open connections; safe to call more than once."""
         if self._closed.is_set():
@@ -283,9 +351,46 @@ class FakeOpenAI:
             self._active += change
             self.max_in_flight = max(self.max_in_flight, self._active)
 
-    def _next_reply(self) -> Reply | None:
+    def _next_reply(self, body: Any) -> Reply | None:
         with self._lock:
-            return self._queue.popleft() if self._queue else self._default
+            if self._fail_after is not None and self._served >= self._fail_after[0]:
+                return self._fail_after[1]
+            self._served += 1
+            if self._queue:
+                return self._queue.popleft()
+            responder, default = self._responder, self._default
+        return responder(body) if responder is not None else default
+
+    def _refuse_format(self, body: Any) -> dict[str, Any] | None:
+        """The 422 body for a response_format this server does not accept, else None."""
+        with self._lock:
+            formats = self._formats
+        kind = format_of(body)
+        if formats is None or kind in formats:
+            return None
+        # FastAPI's validation error, as llama-cpp-python's server words it.
+        detail = {
+            "type": "literal_error",
+            "loc": ["body", "response_format", "type"],
+            "msg": "Input should be 'text' or 'json_object'",
+            "input": kind,
+        }
+        return {"detail": [detail]}
+
+    @contextlib.contextmanager
+    def _slot(self) -> Iterator[bool]:
+        """Hold one generation slot; yields False when the server closed while queued."""
+        if self._slots is None:
+            yield True
+            return
+        while not self._slots.acquire(timeout=0.05):
+            if self._closed.is_set():
+                yield False
+                return
+        try:
+            yield True
+        finally:
+            self._slots.release()
 
     def _payload(self, reply: Reply, model: str) -> dict[str, Any]:
         if reply.body is not None:

@@ -13,7 +13,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.fake_openai import MODEL_ID, FakeOpenAI, Reply
+from tests.fake_openai import MODEL_ID, FakeOpenAI, Reply, format_of
 
 MESSAGES = [{"role": "user", "content": "Say hi."}]
 
@@ -129,3 +129,62 @@ def test_models_endpoint_and_unknown_paths(server):
         urllib.request.urlopen(f"{server.base_url}/nowhere", timeout=5)
     assert caught.value.code == 404
     assert json.loads(caught.value.read())["error"]["code"] == "unknown_url"
+
+
+def test_one_slot_queues_requests_and_keeps_generating_abandoned_ones():
+    with FakeOpenAI(slots=1) as server:
+        server.default(Reply("done", delay=0.4))
+        sdk = client(server, timeout=0.6, max_retries=0)
+
+        async def both() -> list[Any]:
+            async_sdk = openai.AsyncOpenAI(
+                base_url=server.base_url, api_key="sk-test", timeout=0.6, max_retries=0
+            )
+            async with async_sdk:
+                calls = [
+                    async_sdk.chat.completions.create(model="m", messages=MESSAGES)
+                    for _ in range(2)
+                ]
+                return await asyncio.gather(*calls, return_exceptions=True)
+
+        first, second = asyncio.run(both())
+        # The second waited 0.4 s for the slot, then 0.4 s to generate: past its 0.6 s.
+        assert first.choices[0].message.content == "done"
+        assert isinstance(second, openai.APITimeoutError)
+        start = time.monotonic()
+        sdk.with_options(timeout=5).chat.completions.create(model="m", messages=MESSAGES)
+        # The abandoned one still held the slot: the next request waited for it.
+        assert time.monotonic() - start >= 0.3
+
+
+def test_formats_refused_with_fastapis_422_without_using_the_script(server):
+    server.accept_formats("json_object+schema", "none")
+    server.script(Reply("{}"))
+    sdk = client(server, max_retries=0)
+    schema_format = {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}
+    with pytest.raises(openai.UnprocessableEntityError) as caught:
+        sdk.chat.completions.create(model="m", messages=MESSAGES, response_format=schema_format)
+    assert caught.value.body["detail"][0]["loc"] == ["body", "response_format", "type"]
+    with_schema = {"type": "json_object", "schema": {"type": "object"}}
+    completion = sdk.chat.completions.create(
+        model="m", messages=MESSAGES, extra_body={"response_format": with_schema}
+    )
+    assert completion.choices[0].message.content == "{}"
+    assert [format_of(r.body) for r in server.requests] == ["json_schema", "json_object+schema"]
+
+
+def test_responder_fail_after_and_chat_count(server):
+    server.respond(lambda body: Reply(body["messages"][-1]["content"].upper()))
+    server.fail_after(2)
+    sdk = client(server, max_retries=0)
+    answers = [
+        sdk.chat.completions.create(model="m", messages=[{"role": "user", "content": w}])
+        .choices[0]
+        .message.content
+        for w in ("one", "two")
+    ]
+    assert answers == ["ONE", "TWO"]
+    with pytest.raises(openai.InternalServerError):
+        sdk.chat.completions.create(model="m", messages=MESSAGES)
+    sdk.models.list()
+    assert server.chat_count == 3 and len(server.requests) == 4
