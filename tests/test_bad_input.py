@@ -313,7 +313,9 @@ def test_wandb_unavailable_in_online_mode_warns_and_logs_offline(
     (warning,) = [line for line in proc.stdout.splitlines() if "W&B online logging" in line]
     assert "is unavailable" in warning and reason in warning
     assert f"logging offline in {run_dir}/wandb instead" in warning
-    assert seconds < 40  # no W&B default timeout (90 s) was waited out
+    # W&B's own init timeout (90 s) was not waited out: the whole tiny run takes about 15 s on
+    # an idle 2-core machine and 45-60 s on one running other jobs, well under 90.
+    assert seconds < 85
     results = json.loads((run_dir / "results.json").read_text())
     (run_file,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
     recorded = read_offline_run(run_file, wait_seconds=60)

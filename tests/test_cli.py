@@ -24,7 +24,9 @@ def run_cli(args: list[str], cwd: Path):
 @pytest.mark.slow
 def test_multirun_makes_one_folder_and_one_wandb_run_per_job(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = run_cli(["-m", *FAST, "lora.rank=4,8", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    # eval=none: a sweep's default eval=quick is tested in test_sweep.py.
+    args = ["-m", *FAST, "lora.rank=4,8", "eval=none", f"hydra.sweep.dir={sweep}"]
+    proc = run_cli(args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = []
     for job, rank in (("0", 4), ("1", 8)):

@@ -170,12 +170,14 @@ def test_waiters_get_slots_in_order_and_never_exceed_the_limit():
 
 
 def test_a_one_slot_server_is_not_stormed(tmp_path):
-    """Four requests at once on a server that generates one at a time (0.4 s each) with a
-    0.7 s timeout: the queued ones time out. The client halves its concurrency and retries
-    each with a doubled timeout, so every request completes without a storm."""
+    """Four requests at once on a server that generates one at a time (0.8 s each) with a
+    1.4 s timeout: the queued ones time out. The client halves its concurrency and retries
+    each with a doubled timeout, so every request completes without a storm. (Seconds, not
+    tenths: on a loaded 2-core machine a tenth of a second of scheduling noise turned a
+    completed request into one more timeout.)"""
     with FakeOpenAI(slots=1) as server:
-        server.default(Reply(GOOD.content, delay=0.4))
-        client = make_client(server, tmp_path, concurrency=4, request_timeout=0.7, max_retries=3)
+        server.default(Reply(GOOD.content, delay=0.8))
+        client = make_client(server, tmp_path, concurrency=4, request_timeout=1.4, max_retries=3)
         answers = ask(client, n=8)
         sent = server.chat_count
     assert [a.value for a in answers] == ["yes"] * 8
@@ -186,7 +188,7 @@ def test_a_one_slot_server_is_not_stormed(tmp_path):
     assert any(r["status"] == "timeout" for r in got)
     for number in {r["request"] for r in got}:
         attempts = [r for r in got if r["request"] == number]
-        assert attempts[0]["timeout"] == 0.7 and len(attempts) <= 3
+        assert attempts[0]["timeout"] == 1.4 and len(attempts) <= 3
         for before, after in zip(attempts, attempts[1:], strict=False):
             assert before["status"] == "timeout" and after["timeout"] == 2 * before["timeout"]
     client_meta = meta(tmp_path)["client"]
