@@ -254,7 +254,8 @@ def train(cfg: DictConfig, command: Sequence[str] | None = None) -> dict[str, An
     if run.accelerator.is_main_process:
         if eval_enabled(cfg.eval):
             try:
-                results["eval"] = evaluate_best(cfg, results, run.tracker, run.model)
+                results["eval"] = evaluate_best(cfg, results, run.tracker, run.model,
+                                                run.tokenizer)  # fmt: skip
             except BaseException:
                 write_results(run.run_dir, results)  # training's results are not lost
                 run.tracker.finish(exit_code=1)
@@ -286,8 +287,9 @@ def needs_evaluation(cfg: DictConfig, results: dict[str, Any]) -> bool:
 
 
 def evaluate_best(
-    cfg: DictConfig, results: dict[str, Any], tracker: Any, model: Any = None
-) -> dict[str, Any]:
+    cfg: DictConfig, results: dict[str, Any], tracker: Any, model: Any = None,
+    tokenizer: Any = None,
+) -> dict[str, Any]:  # fmt: skip
     """The eval suites on the best checkpoint, loaded as ``python -m instruct.evaluate``
     loads it, so both give the same numbers; without a saved checkpoint
     (``trainer.save_best=false``), on the model as training left it."""
@@ -297,11 +299,10 @@ def evaluate_best(
     start = time.perf_counter()
     if results.get("checkpoint"):
         model, tokenizer, run_cfg = load_for_inference(results["checkpoint"])
-    elif model is not None:
+    elif model is not None and tokenizer is not None:
         from accelerate.utils import extract_model_from_parallel
 
         model, run_cfg = extract_model_from_parallel(model), cfg
-        tokenizer = build_tokenizer_for(cfg)
     else:
         raise ValueError("eval: the run saved no checkpoint (trainer.save_best=false)")
     log.info("evaluating %s with eval=%s", results.get("checkpoint") or "the final model",
@@ -310,13 +311,6 @@ def evaluate_best(
                              tracker, step=int(results.get("steps") or 0))  # fmt: skip
     summary["total_seconds"] = time.perf_counter() - start
     return summary
-
-
-def build_tokenizer_for(cfg: DictConfig) -> Any:
-    """The run's tokenizer with its template's tokens, as training had it."""
-    model, tokenizer = build_model(cfg.model)
-    fit_tokenizer(model, tokenizer, cfg.template)
-    return tokenizer
 
 
 def write_loss_plot(results: dict[str, Any], path: Path) -> None:
