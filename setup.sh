@@ -20,7 +20,7 @@ fi
 # optuna: the Optuna sweeper (hydra-optuna-sweeper), which the sweep tests run; lm_eval:
 # lm-evaluation-harness, for the lm_eval suite and as the reference IFEval scoring is tested
 # against.
-"$PYTHON" -m pip install -e ".[dev,optuna,lm_eval]"
+"$PYTHON" -m pip install -e ".[dev,optuna,lm-eval]"
 # DeepSpeed (for accelerate launch with conf/accelerate/deepspeed_zero2.yaml; the tests run
 # it on the CPU). It ships as source whose setup imports torch, hence no build isolation;
 # DS_BUILD_OPS=0: its C++/CUDA ops are compiled when first used, not now.

@@ -4,6 +4,8 @@
     python bench/bench_generate.py --model tiny           # the random tiny model
     python bench/bench_generate.py --prompts my.jsonl --limit 100 --repeats 3
     python bench/bench_generate.py --threads 0 --json bench-generate.json   # torch's threads
+    python bench/bench_generate.py --prompts instruct/data/ifeval.jsonl --limit 100 \
+        --new-batch-size 64 --threads 0 --repeats 1    # IFEval prompts, eval's batch
 
 Both sides decode the same prompts greedily (each record as one user turn through
 ``instruct.templates.to_messages``, the model's default template), ``--max-new-tokens`` 256,
@@ -144,7 +146,13 @@ def main() -> None:
     parser.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS)
     parser.add_argument("--limit", type=int, default=None, help="the first N prompts only")
     parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="rows at once, both sides")
+    parser.add_argument(
+        "--new-batch-size",
+        type=int,
+        default=None,
+        help="rows at once for the new side only (the eval suites use eval.batch_size, 64)",
+    )
     parser.add_argument("--repeats", type=int, default=2)
     # One thread: on the shared 2-core machine two OpenMP threads per process stall each other
     # whenever another process runs (a 36-prompt baseline ran > 35 min at 2, 4 min at 1).
@@ -162,12 +170,17 @@ def main() -> None:
     greedy = SimpleNamespace(
         max_new_tokens=args.max_new_tokens, do_sample=False, repetition_penalty=1.0, seed=0
     )
-    inputs = (tokenizer, cfg.template, conversations, greedy, args.batch_size)
+    inputs = {
+        "baseline": (tokenizer, cfg.template, conversations, greedy, args.batch_size),
+        "new": (tokenizer, cfg.template, conversations, greedy,
+                args.new_batch_size or args.batch_size),
+    }  # fmt: skip
     sides = {"baseline": generate_baseline, "new": generate}
     print(
         f"model {cfg.model.name}, template {cfg.template.name}, {len(conversations)} prompts "
         f"from {args.prompts.name}, greedy, max_new_tokens {args.max_new_tokens}, batch "
-        f"{args.batch_size}, {args.repeats} repeats, torch threads {torch.get_num_threads()}, "
+        f"{args.batch_size} (new: {args.new_batch_size or args.batch_size}), {args.repeats} "
+        f"repeats, torch threads {torch.get_num_threads()}, "
         f"load average {os.getloadavg()[0]:.1f}",
         flush=True,
     )
@@ -176,7 +189,7 @@ def main() -> None:
     unstable = 0  # replies of a side that differ from its own first run
     for repeat in range(args.repeats):
         for name, side in sides.items():
-            out, seconds, calls, fed = timed(side, model, inputs)
+            out, seconds, calls, fed = timed(side, model, inputs[name])
             first = replies.setdefault(name, out)
             unstable += sum(a != b for a, b in zip(first, out, strict=True))
             runs[name].append({"seconds": seconds, "forward_calls": calls, "row_tokens": fed})

@@ -4,6 +4,7 @@
     python bench/bench_train.py --repeats 1 --workloads tiny --precisions fp32   # smoke run
     python bench/bench_train.py --workloads smollm2 --sides ours trl --repeats 5
     python bench/bench_train.py --workloads prep                  # dataset preparation only
+    python bench/bench_train.py --workloads prep_1m --repeats 1   # 1M rows from Parquet
     python bench/bench_train.py --json bench-train.json           # also keep every raw figure
 
 TRL is a benchmark-only dependency: ``pip install -e ".[bench]"``.
@@ -16,6 +17,8 @@ decay 0, max_grad_norm 1.0, one epoch, loss on completions only, on every side):
 - ``smollm2``: SmolLM2-135M-Instruct with LoRA (rank 16, alpha 32, dropout 0.05, all linear
   layers) at LR 1e-4 on 48 examples;
 - ``prep``: dataset preparation of 20,000 examples, TRL's against ours (twice: cold, cached).
+- ``prep_1m`` (only when named; ``--rows`` sets its size): a million Alpaca-sized rows from
+  Parquet, streamed by ours in record batches, against TRL's from_parquet + SFTTrainer.
 
 Each (workload, precision, side, repeat) runs in its own child process, so the peak RSS
 (``ru_maxrss`` from ``os.wait4``) is that side's alone. Sides alternate within each repeat and
@@ -774,6 +777,226 @@ def print_prep(n: int, r: dict[str, list[dict[str, Any]]]) -> None:
     report_mismatch("prep", trl[-1]["supervised"], ours[-1]["supervised"], "TRL", "ours")
 
 
+# ---------------------------------------------------------------- a million rows from Parquet
+
+PREP_1M_CHUNK = 50_000  # rows generated, rendered and written at a time (the parent's memory)
+
+
+def write_prep_1m_data(out: Path, n: int, tokenizer: Any) -> dict[str, Any]:
+    """``n`` rows as two Parquet files, written a chunk at a time: ``alpaca.parquet``
+    (instruction, input, output: what ours reads and renders) and ``trl.parquet`` (the same
+    rows rendered once by our template code, as prompt and completion text for TRL)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from instruct.templates import render_many, to_messages
+
+    template = compose_run().template
+    alpaca, trl = out / "alpaca.parquet", out / "trl.parquet"
+    writers: dict[str, Any] = {}
+    chars = 0
+    for offset in range(0, n, PREP_1M_CHUNK):
+        rows = make_examples(min(PREP_1M_CHUNK, n - offset), offset)
+        chars += sum(
+            len(r["instruction"]) + len(r.get("input", "")) + len(r["output"]) for r in rows
+        )
+        table = pa.Table.from_pylist(
+            [{"instruction": r["instruction"], "input": r.get("input", ""), "output": r["output"]}
+             for r in rows]
+        )  # fmt: skip
+        rendered = render_many([to_messages(r, template) for r in rows], template, tokenizer)
+        prompts, completions = [], []
+        for r in rendered:
+            (start, end), *more = r.spans
+            if more or end != len(r.text) or not r.text.endswith(tokenizer.eos_token):
+                raise ValueError(f"expected one trained span ending with EOS, got {r.spans}")
+            prompts.append(r.text[:start])
+            completions.append(r.text[start:end])
+        pairs = pa.table({"prompt": prompts, "completion": completions})
+        for path, t in ((alpaca, table), (trl, pairs)):
+            if path not in writers:
+                writers[path] = pq.ParquetWriter(path, t.schema)
+            writers[path].write_table(t, row_group_size=10_000)
+    for w in writers.values():
+        w.close()
+    return {
+        "alpaca": str(alpaca),
+        "trl": str(trl),
+        "rows": n,
+        "mean_chars": chars / n,
+        "alpaca_mib": alpaca.stat().st_size / 2**20,
+        "trl_mib": trl.stat().st_size / 2**20,
+    }
+
+
+def peak_rss_kib() -> int:
+    """This process's peak resident memory since it started its program (``VmHWM``).
+
+    Not ``ru_maxrss``: a child started by fork + exec keeps in it the peak of the parent's
+    memory it was forked from (Linux carries it across exec), so a child of a parent
+    holding 0.8 GB reads at least 0.8 GB, whatever it does itself.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def child_prep_1m_ours(spec: dict[str, Any]) -> dict[str, Any]:
+    """Ours: the Parquet file read in record batches, each rendered, tokenised and kept as
+    int32 arrays (:func:`instruct.data.stream.prepare_stream`)."""
+    from transformers import AutoTokenizer
+
+    from instruct.data import Location, Source
+    from instruct.data.stream import prepare_stream
+
+    tokenizer = AutoTokenizer.from_pretrained(spec["folder"])
+    template = compose_run().template
+    rss_before = current_rss_kib()
+    start = time.perf_counter()
+    source = Source((Location(spec["alpaca"]),))
+    features = prepare_stream(source.batches(), template, tokenizer, MAX_LENGTH)
+    wall = time.perf_counter() - start
+    stats = features.stats
+    return {
+        "prep_s": wall,
+        "peak_after_prep_kib": peak_rss_kib(),
+        "rss_before_kib": rss_before,
+        "features_mib": features.nbytes / 2**20,
+        "examples": stats.kept,
+        "dropped": stats.dropped,
+        "truncated": stats.truncated,
+        "tokens": stats.tokens,
+        "supervised": stats.supervised_tokens,
+    }
+
+
+def child_prep_1m_trl(spec: dict[str, Any]) -> dict[str, Any]:
+    """TRL: ``Dataset.from_parquet`` on the rendered rows, then ``SFTTrainer(...)``, whose
+    construction tokenises, builds labels, truncates and filters (``datasets`` maps, written
+    to a fresh cache folder, so nothing is reused from an earlier run). A construction on 8
+    rows first warms the imports up and measures what construction costs besides the data."""
+    os.environ["HF_DATASETS_CACHE"] = spec["cache"]  # before datasets is imported
+    import_trl()
+    import numpy as np
+    import pyarrow.compute as pc
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    fp32 = {**spec, "precision": "fp32", "lr": 1e-3, "seed": 0, "fused": True}
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-trl-prep-") as tmp:
+        model, tokenizer = load_model(spec["folder"])
+        few = Dataset.from_list([{"prompt": "Hi", "completion": "Hello" + tokenizer.eos_token}] * 8)
+        start = time.perf_counter()
+        SFTTrainer(model=model, args=trl_config(fp32, tmp), train_dataset=few,
+                   processing_class=tokenizer)  # fmt: skip
+        out["baseline_8_construct_s"] = time.perf_counter() - start
+        out["rss_before_kib"] = current_rss_kib()
+        start = time.perf_counter()
+        dataset = Dataset.from_parquet(spec["trl"], cache_dir=spec["cache"])
+        out["from_parquet_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        trainer = SFTTrainer(model=model, args=trl_config(fp32, tmp), train_dataset=dataset,
+                             processing_class=tokenizer)  # fmt: skip
+        out["construct_s"] = time.perf_counter() - start
+        out["peak_after_prep_kib"] = peak_rss_kib()
+        # Counted a batch at a time, in Arrow: never all rows as Python lists.
+        tokens = supervised = 0
+        data = trainer.train_dataset.with_format("arrow")
+        for table in data.iter(batch_size=20_000):
+            ids, labels = table["input_ids"].combine_chunks(), table["labels"].combine_chunks()
+            tokens += int(pc.sum(pc.list_value_length(ids)).as_py())
+            flat = np.asarray(labels.flatten())
+            firsts = np.asarray(labels.offsets)[:-1]
+            supervised += int((flat != IGNORE_INDEX).sum() - (flat[firsts] != IGNORE_INDEX).sum())
+        out.update(examples=len(trainer.train_dataset), tokens=tokens, supervised=supervised)
+    out["cache_mib"] = sum(f.stat().st_size for f in Path(spec["cache"]).rglob("*") if f.is_file())
+    out["cache_mib"] /= 2**20
+    return out
+
+
+def run_prep_1m(folder: Path, root: Path, n: int, repeats: int) -> dict[str, Any]:
+    """The rows written once; then ours and TRL, alternating, each in a fresh child."""
+    from transformers import AutoTokenizer
+
+    out = root / "prep_1m"
+    out.mkdir(parents=True)
+    start = time.perf_counter()
+    data = write_prep_1m_data(out, n, AutoTokenizer.from_pretrained(folder))
+    data["write_s"] = time.perf_counter() - start
+    print(
+        f"[prep_1m] {n:,} rows written in {data['write_s']:.1f} s: alpaca.parquet "
+        f"{data['alpaca_mib']:.1f} MiB, trl.parquet {data['trl_mib']:.1f} MiB, "
+        f"{data['mean_chars']:.0f} characters a row (instruction + input + output)",
+        flush=True,
+    )
+    result: dict[str, Any] = {"data": data, "ours": [], "trl": []}
+    for rep in range(repeats):
+        for side in ("ours", "trl"):
+            work = out / f"{side}-{rep}"
+            work.mkdir()
+            spec = {**data, "folder": str(folder), "cache": str(work / "hf-cache")}
+            r = run_child(f"prep_1m-{side}", spec, work)
+            print(f"[prep_1m repeat {rep + 1}/{repeats}] {side}: {prep_1m_seconds(r):.1f} s, "
+                  f"peak RSS {r['peak_after_prep_kib'] / 2**20:.2f} GiB", flush=True)  # fmt: skip
+            result[side].append(r)
+            shutil.rmtree(work / "hf-cache", ignore_errors=True)
+    return result
+
+
+def prep_1m_seconds(r: dict[str, Any]) -> float:
+    """Ours: the stream; TRL: from_parquet + construction - the 8-row construction."""
+    if "prep_s" in r:
+        return r["prep_s"]
+    return r["from_parquet_s"] + r["construct_s"] - r["baseline_8_construct_s"]
+
+
+def print_prep_1m(r: dict[str, Any]) -> None:
+    ours, trl, n = r["ours"], r["trl"], r["data"]["rows"]
+    gib = 2**30 / 1024  # KiB per GiB
+
+    def row(name: str, runs: list[dict[str, Any]], how: str) -> tuple[float, float]:
+        secs = median(prep_1m_seconds(x) for x in runs)
+        peak = median(x["peak_after_prep_kib"] for x in runs) / gib
+        before = median(x["rss_before_kib"] for x in runs) / gib
+        print(f"{name:5} {secs:9.1f} {n / secs:12,.0f} {peak:9.2f} {before:9.2f}   {how}")
+        return secs, peak
+
+    print(
+        f"\n== prep_1m: {n:,} Alpaca-sized rows from Parquet, ChatML, SmolLM2 tokenizer, "
+        f"max_length {MAX_LENGTH}; {len(ours)} alternating repeat(s), medians =="
+    )
+    print(f"{'side':5} {'seconds':>9} {'rows/s':>12} {'peak GiB':>9} {'pre GiB':>9}")
+    ours_s, ours_peak = row("ours", ours, "read (record batches) + render + tokenise")
+    trl_s, trl_peak = row(
+        "TRL", trl,
+        "from_parquet {:.1f} s + SFTTrainer construction {:.1f} s - 8-row construction "
+        "{:.1f} s".format(*(median(x[k] for x in trl) for k in (
+            "from_parquet_s", "construct_s", "baseline_8_construct_s"))),
+    )  # fmt: skip
+    print(
+        "(peak: the child's VmHWM after preparing, imports and tokenizer included (TRL also "
+        "a 25 MB model); pre: RSS just before the timed preparation)"
+    )
+    print(
+        f"speed ours/TRL: {trl_s / ours_s:.2f}x (target >= 4x); peak RSS ours/TRL: "
+        f"{ours_peak / trl_peak:.2f} (target <= 0.5)"
+    )
+    o, t = ours[-1], trl[-1]
+    print(
+        f"ours keeps {o['features_mib']:,.0f} MiB of token ids + trained mask in memory; TRL wrote "
+        f"{t['cache_mib']:,.0f} MiB of Arrow cache files (memory-mapped, on disk)"
+    )
+    print(
+        f"examples kept: ours {o['examples']:,} (dropped {o['dropped']}, truncated "
+        f"{o['truncated']}), TRL {t['examples']:,}"
+    )
+    same = "=" if t["tokens"] == o["tokens"] else "DIFFER:"
+    print(f"[prep_1m] tokens: TRL {t['tokens']:,} {same} ours {o['tokens']:,}")
+    report_mismatch("prep_1m", t["supervised"], o["supervised"], "TRL", "ours")
+
+
 # ---------------------------------------------------------------- reporting
 
 
@@ -886,7 +1109,10 @@ def print_group(key: str, p: Prepared, sides: dict[str, list[dict]], peak: float
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
-        "--workloads", nargs="+", choices=[*WORKLOADS, "prep"], default=[*WORKLOADS, "prep"]
+        "--workloads",
+        nargs="+",
+        choices=[*WORKLOADS, "prep", "prep_1m"],
+        default=[*WORKLOADS, "prep"],  # prep_1m only when named: ~15 minutes on 2 cores
     )
     ap.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
     ap.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
@@ -899,6 +1125,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="training examples per workload (default: 256 tiny, 48 smollm2)",
     )
     ap.add_argument("--prep-examples", type=int, default=20_000)
+    ap.add_argument(
+        "--rows", type=int, default=1_000_000, help="rows of the prep_1m workload (try 50000)"
+    )
     ap.add_argument(
         "--adamw",
         choices=["fused", "foreach"],
@@ -931,6 +1160,8 @@ CHILDREN: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "bare": child_bare,
     "prep-trl": child_prep_trl,
     "prep-ours": child_prep_ours,
+    "prep_1m-trl": child_prep_1m_trl,
+    "prep_1m-ours": child_prep_1m_ours,
 }
 
 
@@ -947,10 +1178,11 @@ def header(args: argparse.Namespace, peaks: dict[str, float]) -> None:
     print("command:", shlex.join([sys.executable, *sys.argv]))
     print("versions:", ", ".join(f"{k} {v}" for k, v in versions().items()))
     print(f"torch threads: {torch.get_num_threads()}; CPUs: {os.cpu_count()}")
-    print(
-        "matmul peak (2048x2048, median of 7): "
-        + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peaks.items())
-    )
+    if peaks:
+        print(
+            "matmul peak (2048x2048, median of 7): "
+            + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peaks.items())
+        )
     print(
         f"settings: batch {BATCH_SIZE}, max_length {MAX_LENGTH}, constant LR, no warmup, "
         f"weight decay 0, max_grad_norm {MAX_GRAD_NORM}, 1 epoch, completion-only loss, "
@@ -959,7 +1191,8 @@ def header(args: argparse.Namespace, peaks: dict[str, float]) -> None:
         + ("; TRL and bare: glibc malloc keeps freed memory, as ours" if PEER_ENV else "")
         + (f"; ours with {' '.join(args.ours_set)}" if args.ours_set else "")
     )
-    print(FLOPS_FORMULA)
+    if peaks:
+        print(FLOPS_FORMULA)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -967,12 +1200,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.child:
         child_main(args.child, args.spec)
         return
-    needs_trl = "trl" in args.sides or "prep" in args.workloads
+    needs_trl = "trl" in args.sides or {"prep", "prep_1m"} & set(args.workloads)
     if needs_trl and (importlib.util.find_spec("trl") is None):
         sys.exit(TRL_MISSING)
     if args.peer_malloc:
         PEER_ENV.update(KEEP_FREED_MEMORY_ENV)
-    peaks = {name: matmul_peak_gflops(name) for name in PRECISIONS}
+    training = [w for w in args.workloads if w in WORKLOADS]
+    # The matmul peak only serves the MFU of training workloads (and bf16's takes minutes
+    # on a busy 2-core machine without native bf16).
+    peaks = {name: matmul_peak_gflops(name) for name in PRECISIONS} if training else {}
     header(args, peaks)
     root = Path(tempfile.mkdtemp(prefix="bench_train-"))
     raw: dict[str, Any] = {"argv": sys.argv, "versions": versions(), "peak_gflops": dict(peaks)}
@@ -1015,6 +1251,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         if "prep" in args.workloads:
             raw["prep"] = run_prep(folders["tiny"], root, args.prep_examples, args.repeats)
             print_prep(args.prep_examples, raw["prep"])
+        if "prep_1m" in args.workloads:
+            raw["prep_1m"] = run_prep_1m(folders["tiny"], root, args.rows, args.repeats)
+            print_prep_1m(raw["prep_1m"])
+        if not training:
+            return
         after = {name: matmul_peak_gflops(name) for name in PRECISIONS}
         raw["peak_gflops_after"] = after
         print(

@@ -1,8 +1,10 @@
 """``python -m instruct.chat checkpoint=<dir>``: talk to a checkpoint in the terminal.
 
 The whole conversation is rendered with the training template at every turn, so the model
-sees its earlier replies as it saw assistant turns in training. ``/reset`` clears the
-history, ``/exit`` (or end of input) quits.
+sees its earlier replies as it saw assistant turns in training. A line that quotes a
+special-token string (``<|im_end|>``) is sent as text, as training encodes it: a user cannot
+end a turn or forge one (:mod:`instruct.content`). ``/reset`` clears the history, ``/exit``
+(or end of input) quits.
 """
 
 from __future__ import annotations

@@ -12,10 +12,11 @@ finished row and no batch waits for its longest reply (``bench/bench_generate.py
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 
 from instruct.config import CONFIG_MODULE, HYDRA_VERSION_BASE, register_schemas
 from instruct.templates import Message, render_many, stop_tokens, to_messages
+from instruct.tokenize import token_ids
 
 SPARE_COLUMNS = 64  # the cache is copied every 64 steps rather than every step
 
@@ -73,8 +75,7 @@ def generate(
     if not conversations:
         return []
     stop_ids, stop_strings = stop_tokens(template, tokenizer)
-    rendered = render_many(conversations, template, tokenizer, add_generation_prompt=True)
-    prompts = [tokenizer(r.text, add_special_tokens=False).input_ids for r in rendered]
+    prompts = prompt_ids(conversations, template, tokenizer)
     # Longest first: the first batch's rows share a width, and each later prompt is no longer
     # than those before it, so it fits into cache columns that already exist.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
@@ -100,6 +101,16 @@ def generate(
     finally:
         model.train(was_training)
     return [reply_text(ids, tokenizer, stop_ids, stop_strings) for ids in new]
+
+
+def prompt_ids(
+    conversations: Sequence[Sequence[Message]], template: Any, tokenizer: Any
+) -> list[list[int]]:
+    """Each conversation's prompt as token ids: rendered as in training, up to where the
+    model starts its reply. A special-token string inside a message is encoded as text, so
+    a user cannot forge turns (:mod:`instruct.content`)."""
+    rendered = render_many(conversations, template, tokenizer, add_generation_prompt=True)
+    return token_ids(rendered, tokenizer)
 
 
 def reply_text(
@@ -182,6 +193,46 @@ def in_lock_step(model: Any) -> bool:
     """
     dist = torch.distributed
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@contextlib.contextmanager
+def merged_adapter(model: Any) -> Iterator[Any]:
+    """``model`` with its LoRA adapters merged into the base weights while inside, restored
+    bit for bit on leaving.
+
+    Unmerged, each adapted linear layer computes its base product plus two small ones: on
+    SmolLM2-135M (LoRA on every linear layer) 32 eval replies took 17% longer unmerged
+    (139.0 s against 118.8 s, the same replies). peft's ``unmerge_adapter`` subtracts
+    what it added, which leaves rounding in the weights, so the touched base parameters are
+    copied to the CPU first and written back. Left as it is: a model without adapters, one
+    whose base weights are quantised or not plain tensors, and one of several processes
+    (sharded weights).
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    plain = (torch.nn.Linear, torch.nn.Embedding)
+    if (
+        not layers
+        or not hasattr(model, "merge_adapter")
+        or in_lock_step(model)
+        or getattr(model, "is_quantized", False)
+        or any(layer.merged for layer in layers)
+        or any(type(layer.get_base_layer()) not in plain for layer in layers)
+    ):
+        yield model
+        return
+    touched = {id(p): p for layer in layers for p in layer.get_base_layer().parameters()}
+    saved = [(p, p.detach().to("cpu", copy=True)) for p in touched.values()]
+    try:
+        model.merge_adapter()
+        yield model
+    finally:
+        if any(layer.merged for layer in layers):
+            model.unmerge_adapter()
+        with torch.no_grad():
+            for p, original in saved:
+                p.copy_(original)
 
 
 def generate_sorted(

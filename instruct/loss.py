@@ -1,5 +1,9 @@
 """The response-only loss: summed cross-entropy at supervised positions.
 
+A batch with ``weights`` (per-token loss weights, :mod:`instruct.turns`) sums ``w * loss``
+and counts ``sum(w)`` instead, so the mean the caller forms is the weighted mean; a batch
+without them takes exactly the unweighted path.
+
 Two levers, each exact to float precision and switchable in ``trainer``:
 
 - the output layer runs only at supervised positions (always, where the model allows it);
@@ -18,6 +22,7 @@ import torch.nn.functional as F
 from instruct.tokenize import IGNORE_INDEX
 
 CHUNK_ELEMENTS = 1 << 24  # logits per chunk: 64 MB in fp32
+NOT_INPUTS = ("labels", "weights")  # batch keys the loss reads, never the model
 
 
 def decoder_and_head(model: Any) -> tuple[Any, Any] | None:
@@ -48,7 +53,7 @@ def hidden_or_logits(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, A
     ``cu_seq_lens_*``). No KV cache: with one, transformers stops reading packed rows from the
     position ids and the examples of a row would attend to each other.
     """
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = {k: v for k, v in batch.items() if k not in NOT_INPUTS}
     parts = decoder_and_head(model)
     if parts is None:
         return model(**inputs, use_cache=False).logits, None
@@ -56,34 +61,48 @@ def hidden_or_logits(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, A
     return decoder(**inputs, use_cache=False).last_hidden_state, head
 
 
-def loss_sum(model: Any, batch: dict[str, Any], fused: bool = True) -> tuple[torch.Tensor, int]:
+def loss_sum(
+    model: Any, batch: dict[str, Any], fused: bool = True
+) -> tuple[torch.Tensor, int | float]:
     """Summed cross-entropy over supervised positions, and how many there were.
 
     The output layer runs only where a label is supervised: with a 49k vocabulary the full
     logits of a batch take gigabytes, and prompt positions would be computed to be dropped.
+    With ``batch["weights"]``: the sum of ``weight x loss`` and the sum of the weights.
     """
     labels = batch["labels"][:, 1:]
     mask = labels != IGNORE_INDEX
     targets = labels[mask]
+    weights = batch["weights"][:, 1:][mask].float() if "weights" in batch else None
+    count = len(targets) if weights is None else float(weights.sum(dtype=torch.float64))
     if decoder_and_head(model) is None and labels.shape[0] == 1:
         picked = logits_where(model, batch, mask)
-        return F.cross_entropy(picked.float(), targets, reduction="sum"), len(targets)
+        return summed_cross_entropy(picked, targets, weights), count
     out, head = hidden_or_logits(model, batch)
     if head is None:
         picked = out[:, :-1][mask]
     else:
         rows = out[:, :-1][mask]
         if fused and type(head) is torch.nn.Linear:
-            return linear_cross_entropy(rows, head.weight, head.bias, targets), len(targets)
+            loss = linear_cross_entropy(rows, head.weight, head.bias, targets, weights)
+            return loss, count
         picked = head(rows)
-    return F.cross_entropy(picked.float(), targets, reduction="sum"), len(targets)
+    return summed_cross_entropy(picked, targets, weights), count
+
+
+def summed_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None
+) -> torch.Tensor:
+    if weights is None:
+        return F.cross_entropy(logits.float(), targets, reduction="sum")
+    return (F.cross_entropy(logits.float(), targets, reduction="none") * weights).sum()
 
 
 def logits_where(model: Any, batch: dict[str, Any], mask: torch.Tensor) -> torch.Tensor:
     """Logits of a one-row batch at the positions ``mask`` marks, through the model's own
     forward (a DDP wrapper's must run for gradients to synchronise): transformers' causal
     LMs take ``logits_to_keep`` as positions, so the output layer runs only there."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = {k: v for k, v in batch.items() if k not in NOT_INPUTS}
     positions = mask[0].nonzero().squeeze(1)
     try:
         return model(**inputs, use_cache=False, logits_to_keep=positions).logits[0]
@@ -92,13 +111,18 @@ def logits_where(model: Any, batch: dict[str, Any], mask: torch.Tensor) -> torch
 
 
 def linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    row_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``cross_entropy(hidden @ weight.T + bias, targets, reduction="sum")``, chunked."""
+    """``cross_entropy(hidden @ weight.T + bias, targets, reduction="sum")``, chunked; with
+    ``row_weights``, each row's loss (and so its gradient) scaled by its weight."""
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
     grads = torch.is_grad_enabled()  # False under no_grad: evaluation forms no gradients
-    return LinearCrossEntropy.apply(hidden, weight, bias, targets, dtype, grads)
+    return LinearCrossEntropy.apply(hidden, weight, bias, targets, dtype, grads, row_weights)
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -111,7 +135,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, dtype, grads):  # noqa: D102
+    def forward(ctx, hidden, weight, bias, targets, dtype, grads, row_weights=None):  # noqa: D102
         compute = dtype or hidden.dtype
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(compute)
@@ -133,12 +157,16 @@ class LinearCrossEntropy(torch.autograd.Function):
                 peak = logits.amax(dim=-1, keepdim=True)
                 probs = logits.sub_(peak).exp_()
                 norm = probs.sum(dim=-1, keepdim=True)
-                total += (norm.log() + peak - picked[:, None]).sum()
+                losses = norm.log() + peak - picked[:, None]
+                r = None if row_weights is None else row_weights[start : start + step, None]
+                total += (losses if r is None else losses * r).sum()
                 if grad_hidden is None and grad_weight is None and grad_bias is None:
                     continue
-                # d(loss)/d(logits) = softmax - onehot, formed in place.
+                # d(loss)/d(logits) = softmax - onehot, formed in place (times the weight).
                 probs.div_(norm)
                 probs[torch.arange(len(y), device=y.device), y] -= 1
+                if r is not None:
+                    probs.mul_(r)
                 if grad_bias is not None:
                     grad_bias += probs.sum(0)
                 g = probs.to(compute)
@@ -163,6 +191,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             (grad_hidden * scale.to(grad_hidden.dtype)) if grad_hidden is not None else None,
             (grad_weight * scale).to(weight_dtype) if grad_weight is not None else None,
             (grad_bias * scale).to(bias_dtype) if grad_bias is not None else None,
+            None,
             None,
             None,
             None,

@@ -445,7 +445,9 @@ class ChatClient:
                     outcome = "congested"
                     if retry_after:
                         self._not_before = max(self._not_before, time.monotonic() + retry_after)
-                if detecting and form != "none" and status in (400, 422):
+                # A refusal of the format is a 400 or 422 from most servers; llama.cpp's
+                # Python server answers 500 with its validation error naming the field.
+                if detecting and form != "none" and status in (400, 422, 500):
                     text = f"{error} {json.dumps(error.body, default=str)}".lower()
                     if any(word in text for word in _FORM_WORDS):
                         raise _FormRefused(self._redact(str(error))[:300]) from error
@@ -457,6 +459,11 @@ class ChatClient:
                 self.counts.failed += 1
                 self._log_error(row, start, error, None, "error")
                 return error, None, False
+            except asyncio.CancelledError:
+                # The session is stopping (an error elsewhere, Ctrl-C): the attempt was sent,
+                # so responses.jsonl still gets its row.
+                self._log_error(row, start, RuntimeError("cancelled"), None, "cancelled")
+                raise
             outcome = "ok"
             return self._accept(response, parse, row, start)
         finally:

@@ -258,6 +258,7 @@ class Ranked:
     rows: list[dict[str, Any]]
     warnings: list[str]
     best: str | None  # the best job's name
+    notes: list[str] = field(default_factory=list)  # what to read the table with
 
 
 def choose_metric(jobs: Sequence[Job], metric: str) -> Metric:
@@ -281,20 +282,27 @@ def per_prompt(job_path: Path, metric: Metric, label: str = "tuned") -> tuple | 
         return None
 
 
+def fingerprint_groups(jobs: Sequence[Job]) -> dict[str | None, list[str]]:
+    """The finished jobs' names by the fingerprint of their tokenised validation split
+    (``None``: not recorded)."""
+    groups: dict[str | None, list[str]] = {}
+    for job in jobs:
+        if job.finished:
+            groups.setdefault((job.results or {}).get("val_fingerprint"), []).append(job.name)
+    return groups
+
+
 def val_loss_warning(jobs: Sequence[Job]) -> str | None:
     """Why the jobs' validation losses cannot be compared, if they cannot."""
-    prints = {j.name: (j.results or {}).get("val_fingerprint") for j in jobs if j.finished}
-    if len(prints) < 2:
+    groups = fingerprint_groups(jobs)
+    if sum(len(names) for names in groups.values()) < 2:
         return None
-    if None in prints.values():
-        missing = ", ".join(name for name, fp in prints.items() if fp is None)
+    if None in groups:
+        missing = ", ".join(groups[None])
         return (
             f"jobs {missing} record no validation fingerprint (trained before it was kept), so "
             "whether their validation tokens are the same cannot be told"
         )
-    groups: dict[str, list[str]] = {}
-    for name, fp in prints.items():
-        groups.setdefault(fp, []).append(name)
     if len(groups) == 1:
         return None
     listed = "; ".join("jobs " + ", ".join(names) for names in groups.values())
@@ -353,11 +361,17 @@ def rank(jobs: Sequence[Job], metric_name: str = "auto", samples: int = 1000) ->
     """Rows in report order, each finished job compared with the best by paired bootstrap."""
     metric = choose_metric(jobs, metric_name)
     ordered = sorted(jobs, key=sort_key(metric))
-    warnings = []
-    if not metric.is_eval:
-        why = val_loss_warning(jobs)
-        if why:
-            warnings.append(why)
+    warnings, notes = [], []
+    why = val_loss_warning(jobs)
+    groups = fingerprint_groups(jobs)
+    if why and not metric.is_eval:
+        warnings.append(why)
+    elif None not in groups and len(groups) > 1:
+        notes.append(
+            "the best val loss column is not comparable across these jobs: their validation "
+            "losses were measured on different tokens (another template or data set). The "
+            f"ranking uses {metric.name}, which scores every job on the same prompts."
+        )
     best = next((j for j in ordered if j.finished and not math.isnan(value_of(metric, j.results))),
                 None)  # fmt: skip
     best_data = per_prompt(best.path, metric) if best and metric.is_eval else None
@@ -378,7 +392,7 @@ def rank(jobs: Sequence[Job], metric_name: str = "auto", samples: int = 1000) ->
             if best_data is not None:
                 compare(row, per_prompt(path, metric, "base"), best_data, samples, warnings, label)
             out.append(row)
-    return Ranked(metric, out, warnings, best.name if best else None)
+    return Ranked(metric, out, warnings, best.name if best else None, notes)
 
 
 def compare(row: dict, data: tuple | None, best: tuple, samples: int, warnings: list[str],
@@ -490,6 +504,8 @@ def markdown(folder: Path, ranked: Ranked) -> str:
         )
     for warning in ranked.warnings:
         lines += ["", f"> **Warning:** {warning}"]
+    for note in ranked.notes:
+        lines += ["", f"> **Note:** {note}"]
     best = next((r for r in table if r["vs_best"] == "best"), None)
     if best is not None:
         tied = [r["job"] for r in table if r["vs_best"] == "tied with best"]

@@ -1,11 +1,14 @@
 """Conversation -> input ids + labels, and batches: packed rows or dynamic padding.
 
-Labels are ``IGNORE_INDEX`` everywhere but the tokens that start inside a trained character
-span (assistant replies and their end-of-turn token). Character spans go through the fast
+Labels are ``IGNORE_INDEX`` everywhere but the tokens that lie wholly inside a trained
+character span (assistant replies and their end-of-turn token). Character spans go through the fast
 tokenizer's own character-to-token map, so no marker is ever searched for among token ids.
 
 A split's features are views into two flat int32 arrays (ids and labels): 8 bytes a token
-instead of about 70 as Python lists, and a cache entry loads with no per-token work.
+instead of about 70 as Python lists, and a cache entry loads with no per-token work. A
+feature whose trained turns carry loss weights other than 1 (``data.train_on=per_message``)
+has a third, float32 array of per-token weights; every other feature has ``weights=None``,
+and costs nothing more.
 """
 
 from __future__ import annotations
@@ -24,41 +27,58 @@ from typing import Any
 import numpy as np
 import torch
 
+from instruct.content import TextEncoder, plain_encoding
 from instruct.templates import Rendered, Span
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-CACHE_FORMAT = 2  # bump when labels or truncation change meaning, so old entries go unread
+CACHE_FORMAT = 3  # bump when labels or truncation change meaning, so old entries go unread
 
 
 @dataclass(eq=False)
 class Feature:
     input_ids: np.ndarray  # int32; lists are accepted and converted
     labels: np.ndarray
+    # float32 loss weight of each token (read only where a label is trained); None: all 1.
+    weights: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.input_ids = np.asarray(self.input_ids, dtype=np.int32)
         self.labels = np.asarray(self.labels, dtype=np.int32)
+        if self.weights is not None:
+            self.weights = np.asarray(self.weights, dtype=np.float32)
 
     @classmethod
-    def view(cls, input_ids: np.ndarray, labels: np.ndarray) -> Feature:
+    def view(
+        cls, input_ids: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None
+    ) -> Feature:
         """A feature over int32 arrays as they are (no conversion): slices of a split's."""
         feature = cls.__new__(cls)
-        feature.input_ids, feature.labels = input_ids, labels
+        feature.input_ids, feature.labels, feature.weights = input_ids, labels, weights
         return feature
 
     def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Feature) or (self.weights is None) != (other.weights is None):
+            return False
         return (
-            isinstance(other, Feature)
-            and np.array_equal(self.input_ids, other.input_ids)
+            np.array_equal(self.input_ids, other.input_ids)
             and np.array_equal(self.labels, other.labels)
+            and (self.weights is None or np.array_equal(self.weights, other.weights))
         )
 
     @property
     def supervised(self) -> int:
         # Position 0 is never predicted: its label is dropped by the shift in the loss.
         return int(np.count_nonzero(self.labels[1:] != IGNORE_INDEX))
+
+    @property
+    def supervised_weight(self) -> float:
+        """The sum of the supervised tokens' weights: the loss's denominator (``supervised``
+        when the feature has no weights)."""
+        if self.weights is None:
+            return float(self.supervised)
+        return float(self.weights[1:][self.labels[1:] != IGNORE_INDEX].sum(dtype=np.float64))
 
 
 @dataclass
@@ -67,7 +87,9 @@ class PrepareStats:
     kept: int = 0
     truncated: int = 0
     dropped: int = 0  # nothing left to train on after truncation
-    boundary_merges: int = 0  # a token that straddles the start of a reply
+    boundary_merges: int = 0  # tokens crossing a span's start or end: untrained
+    quoted_specials: int = 0  # examples whose messages quote special-token strings (as text)
+    weighted: int = 0  # kept examples whose trained turns carry loss weights other than 1
     tokens: int = 0
     supervised_tokens: int = 0
 
@@ -75,11 +97,12 @@ class PrepareStats:
 def labels_from_spans(
     input_ids: Sequence[int], offsets: Sequence[tuple[int, int]], spans: Sequence[Span]
 ) -> tuple[list[int], int]:
-    """Labels for one sequence, and how many tokens straddle the start of a span.
+    """Labels for one sequence, and how many tokens straddle a span's start or end.
 
-    A token is trained when its first character lies in a span. A token that begins before a
-    span and ends inside it means BPE merged prompt and reply text across the boundary; it is
-    left untrained and counted, since the prompt alone would tokenize differently.
+    A token is trained when it lies wholly inside a span. A token that crosses a span's
+    start (BPE merged prompt and reply text) or its end (the text after a reply merged
+    into the next header, e.g. Mistral's " [" of "[INST]") is left untrained and counted:
+    the model never writes it at that point in the conversation.
     """
     labels = [IGNORE_INDEX] * len(input_ids)
     straddles = 0
@@ -90,15 +113,15 @@ def labels_from_spans(
         if k == len(spans):
             break
         span_start, span_end = spans[k]
-        if span_start <= start < span_end:
+        if span_start <= start and end <= span_end:
             labels[i] = input_ids[i]
-        elif start < span_start < end:
+        elif start < span_start < end or start < span_end < end:
             straddles += 1
     return labels, straddles
 
 
 def trained_tokens(encoding: Any, spans: Sequence[Span]) -> tuple[list[tuple[int, int]], int]:
-    """Token ranges ``[a, b)`` whose first character lies in a span; and the straddle count.
+    """Token ranges ``[a, b)`` wholly inside a span; and the straddle count.
 
     Asks the encoding for the token at each span's first and last character, which is the
     same rule as :func:`labels_from_spans` without building every token's offsets in Python.
@@ -119,6 +142,10 @@ def trained_tokens(encoding: Any, spans: Sequence[Span]) -> tuple[list[tuple[int
         # A character split over several byte-level tokens: each of them starts at it.
         while last + 1 < n and encoding.token_to_chars(last + 1)[0] < end:
             last += 1
+        if last >= first and encoding.token_to_chars(last)[1] > end:  # merged past the end
+            if last != straddled:
+                straddles, straddled = straddles + 1, last
+            last -= 1
         if first <= last:
             ranges.append((first, last + 1))
             covered = last + 1
@@ -128,11 +155,45 @@ def trained_tokens(encoding: Any, spans: Sequence[Span]) -> tuple[list[tuple[int
 def encode(rendered: Sequence[Rendered], tokenizer: Any) -> list[tuple[Feature, int]]:
     """Tokenize many rendered conversations in one batched fast-tokenizer call."""
     ids, labels, lengths, straddles = encode_flat(rendered, tokenizer)
+    weights = token_weights(rendered, labels, lengths, tokenizer)  # None: no r.weights
     bounds = np.concatenate([[0], np.cumsum(lengths)])
     return [
-        (Feature(ids[a:b], labels[a:b]), k)
-        for a, b, k in zip(bounds[:-1], bounds[1:], straddles, strict=True)
+        (Feature(ids[a:b], labels[a:b], weights[a:b] if r.weights else None), k)
+        for r, a, b, k in zip(rendered, bounds[:-1], bounds[1:], straddles, strict=True)
     ]
+
+
+def token_weights(
+    rendered: Sequence[Rendered], labels: np.ndarray, lengths: Sequence[int], tokenizer: Any
+) -> np.ndarray | None:
+    """Each token's loss weight: its span's, for the trained tokens of the conversations with
+    ``weights``; 1 everywhere else. ``None`` when no conversation has weights.
+
+    Only those conversations are encoded again, for their offsets: a trained token lies
+    wholly inside one span, so its first character says which. The others cost nothing.
+    """
+    weighted = [i for i, r in enumerate(rendered) if r.weights]
+    if not weighted:
+        return None
+    out = np.ones(len(labels), dtype=np.float32)
+    bounds = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).tolist()
+    backend, text = tokenizer.backend_tokenizer, None
+    for i in weighted:
+        r = rendered[i]
+        if r.literal:
+            text = text or TextEncoder.of(tokenizer)
+            offsets = text.encode(r.text, r.literal)[1]
+        else:
+            with plain_encoding(backend):
+                offsets = backend.encode(r.text, add_special_tokens=False).offsets
+        a, b = bounds[i], bounds[i + 1]
+        if len(offsets) != b - a:
+            raise ValueError("a conversation encoded twice gave different tokens")
+        starts = np.fromiter((s for s, _ in offsets), np.int64, len(offsets))
+        span = np.searchsorted([s for s, _ in r.spans], starts, side="right") - 1
+        w = np.asarray(r.weights, np.float32)[np.maximum(span, 0)]
+        out[a:b] = np.where(labels[a:b] != IGNORE_INDEX, w, np.float32(1))
+    return out
 
 
 def encode_flat(
@@ -145,10 +206,23 @@ def encode_flat(
     the running sum of its tokens' byte lengths: the labels follow for the whole split in a
     few array operations. Conversations that do not tile (a normalizer changed their text)
     and other tokenizers go through the tokenizer's offsets instead; both give the same labels.
+    Conversations that quote special-token strings (``literal`` ranges) are encoded apart,
+    with those strings as text (:func:`encode_flat_quoting`).
     """
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError("instruct needs a fast (Rust) tokenizer for its offset mapping")
+    quoting = [i for i, r in enumerate(rendered) if r.literal]
+    if quoting:
+        return encode_flat_quoting(rendered, tokenizer, quoting)
     backend = tokenizer.backend_tokenizer
+    with plain_encoding(backend):  # no splitting, padding or truncation left by another call
+        return encode_flat_plain(rendered, backend)
+
+
+def encode_flat_plain(
+    rendered: Sequence[Rendered], backend: Any
+) -> tuple[np.ndarray, np.ndarray, list[int], list[int]]:
+    """:func:`encode_flat` of conversations that quote no special-token string."""
     texts = [r.text for r in rendered]
     table = token_byte_lengths(backend)
     if table is None or not hasattr(backend, "encode_batch_fast"):
@@ -165,7 +239,8 @@ def encode_flat(
     text_bytes = [len(t) if t.isascii() else len(t.encode("utf-8")) for t in texts]
     tiled = position[bounds[1:]] - position[bounds[:-1]] == np.asarray(text_bytes, np.int64)
     if backend.normalizer is not None:
-        tiled &= [backend.normalizer.normalize_str(t) == t for t in texts]
+        # dtype given: an empty list would be float, which cannot be and-ed (an empty split)
+        tiled &= np.array([backend.normalizer.normalize_str(t) == t for t in texts], bool)
     trained, straddles = trained_by_position(rendered, position, bounds, tiled)
     untiled = np.flatnonzero(~tiled).tolist()
     if untiled:
@@ -174,6 +249,55 @@ def encode_flat(
             row, straddles[i] = trained_from_encoding(e, rendered[i].spans)
             trained[bounds[i] : bounds[i + 1]] = row
     return ids, np.where(trained, ids, IGNORE_INDEX).astype(np.int32), lengths, straddles
+
+
+def encode_flat_quoting(
+    rendered: Sequence[Rendered], tokenizer: Any, quoting: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray, list[int], list[int]]:
+    """:func:`encode_flat` when the conversations ``quoting`` have ``literal`` ranges.
+
+    The others take the usual path together; each quoting one is encoded in pieces between
+    the template's control tokens (:class:`~instruct.content.TextEncoder`), and its labels
+    follow the same rule from the pieces' offsets (:func:`labels_from_spans`).
+    """
+    quoted = set(quoting)
+    clean = [r for i, r in enumerate(rendered) if i not in quoted]
+    ids, labels, lengths, straddles = encode_flat(clean, tokenizer)
+    bounds = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).tolist()
+    text = TextEncoder.of(tokenizer)
+    parts: list[tuple[np.ndarray, np.ndarray]] = []
+    out_lengths, out_straddles, k = [], [], 0
+    for i, r in enumerate(rendered):
+        if i in quoted:
+            row, offsets = text.encode(r.text, r.literal)
+            trained, merges = labels_from_spans(row, offsets, r.spans)
+            parts.append((np.asarray(row, np.int32), np.asarray(trained, np.int32)))
+        else:
+            a, b = bounds[k], bounds[k + 1]
+            parts.append((ids[a:b], labels[a:b]))
+            merges, k = straddles[k], k + 1
+        out_lengths.append(len(parts[-1][0]))
+        out_straddles.append(merges)
+    return (
+        np.concatenate([p[0] for p in parts]).astype(np.int32, copy=False),
+        np.concatenate([p[1] for p in parts]).astype(np.int32, copy=False),
+        out_lengths,
+        out_straddles,
+    )
+
+
+def token_ids(rendered: Sequence[Rendered], tokenizer: Any) -> list[list[int]]:
+    """Each conversation's token ids (a prompt, at inference), no labels: special-token
+    strings its messages quote are encoded as text, as in training."""
+    text = None
+    out = []
+    for r in rendered:
+        if not r.literal:
+            out.append(tokenizer(r.text, add_special_tokens=False).input_ids)
+            continue
+        text = text or TextEncoder.of(tokenizer)
+        out.append(text.encode(r.text, r.literal)[0])
+    return out
 
 
 def encode_with_offsets(
@@ -209,10 +333,10 @@ def trained_by_position(
 ) -> tuple[np.ndarray, list[int]]:
     """The rule of :func:`labels_from_spans` over byte positions, for the tiled conversations.
 
-    A token is trained when its first byte lies in a span (spans begin and end on character
-    boundaries, so that is its first character's span, even for a token that starts inside
-    a multi-byte character). A token that begins before a span and covers its first byte
-    straddles it; it stays untrained and is counted once.
+    A token is trained when its bytes lie wholly inside a span (spans begin and end on
+    character boundaries, so that is the rule on characters too, even for a token that
+    starts or ends inside a multi-byte character). A token that crosses a span's first or
+    last byte stays untrained and is counted once.
     """
     first, last = [], []
     for i in np.flatnonzero(tiled).tolist():
@@ -226,23 +350,27 @@ def trained_by_position(
                 start, end = len(text[:start].encode("utf-8")), len(text[:end].encode("utf-8"))
             first.append(base + start)
             last.append(base + end)
-    starts = position[:-1]
+    starts, ends = position[:-1], position[1:]
     straddles = [0] * len(rendered)
     if not first:
         return np.zeros(len(starts), dtype=bool), straddles
     first_at, end_at = np.asarray(first), np.asarray(last)
-    # Tokens [a, b) start inside the span: +1 at a, -1 at b, and a running sum marks them.
-    a = np.searchsorted(starts, first_at, side="left")
-    b = np.searchsorted(starts, end_at, side="left")
+    # Tokens [a, b) lie wholly inside the span: +1 at a, -1 at b, a running sum marks them.
+    a = np.searchsorted(starts, first_at, side="left")  # the first to start in the span
+    b = np.searchsorted(ends, end_at, side="right")  # one past the last to end in it
+    whole = a < b
     depth = np.zeros(len(starts) + 1, dtype=np.int32)
-    np.add.at(depth, a, 1)
-    np.add.at(depth, b, -1)
+    np.add.at(depth, a[whole], 1)
+    np.add.at(depth, b[whole], -1)
     trained = np.cumsum(depth[:-1]) > 0
     holder = a - 1  # the token holding a span's first byte, when none starts on it
     inside = a < len(starts)
     straddle = holder >= 0
     straddle[inside] &= starts[a[inside]] != first_at[inside]
-    holders = np.unique(holder[straddle])
+    # The token holding a span's last byte, when it ends past it (b: the first that does).
+    crossing = b < len(starts)
+    crossing[crossing] &= starts[b[crossing]] < end_at[crossing]
+    holders = np.unique(np.concatenate([holder[straddle], b[crossing]]))
     holders = holders[~trained[holders]]
     if len(holders):
         who = np.searchsorted(bounds, holders, side="right") - 1
@@ -326,6 +454,7 @@ def prepare(
 ) -> tuple[list[Feature], PrepareStats]:
     """Tokenize, truncate to ``max_length`` and drop examples left with nothing to train on."""
     ids, labels, lengths, straddles = encode_flat(rendered, tokenizer)
+    weights = token_weights(rendered, labels, lengths, tokenizer)  # None: no r.weights
     # int64 throughout: with no examples, NumPy would make the empty arrays float, and a
     # float array cannot index (an empty validation split crashed here).
     lengths = np.asarray(lengths, dtype=np.int64)
@@ -342,13 +471,16 @@ def prepare(
         truncated=int((np.asarray(lengths) > max_length).sum()),
         dropped=int((~keep).sum()),
         boundary_merges=sum(straddles),
+        quoted_specials=sum(1 for r in rendered if r.literal),
+        weighted=sum(1 for r, k in zip(rendered, keep.tolist(), strict=True) if k and r.weights),
         tokens=int(kept[keep].sum()),
         supervised_tokens=int(supervised[keep].sum()),
     )
     view = Feature.view
+    weighted = [bool(r.weights) for r, k in zip(rendered, keep.tolist(), strict=True) if k]
     features = [
-        view(ids[a : a + n], labels[a : a + n])
-        for a, n in zip(starts[keep].tolist(), kept[keep].tolist(), strict=True)
+        view(ids[a : a + n], labels[a : a + n], weights[a : a + n] if w else None)
+        for a, n, w in zip(starts[keep].tolist(), kept[keep].tolist(), weighted, strict=True)
     ]
     return features, stats
 
@@ -364,6 +496,10 @@ def cache_key(rendered: Sequence[Rendered], tokenizer: Any, max_length: int) -> 
     h.update(tokenizer.backend_tokenizer.to_str().encode())
     for r in rendered:
         h.update(f"{len(r.text)}:{r.spans}".encode())
+        if r.literal:  # only then, so clean conversations keep the keys they had
+            h.update(f"literal:{r.literal}".encode())
+        if r.weights:
+            h.update(f"weights:{r.weights}".encode())
         h.update(r.text.encode())
     return h.hexdigest()[:32]
 
@@ -398,14 +534,20 @@ def save_features(path: Path, features: Sequence[Feature], stats: PrepareStats) 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     empty = np.zeros(0, np.int32)
+    arrays = {
+        "input_ids": np.concatenate([x.input_ids for x in features] or [empty]),
+        "labels": np.concatenate([x.labels for x in features] or [empty]),
+        "lengths": np.array([len(x.input_ids) for x in features], np.int64),
+        "stats": np.frombuffer(json.dumps(asdict(stats)).encode(), np.uint8),
+    }
+    if any(x.weights is not None for x in features):  # only then: no cost without weights
+        arrays["weighted"] = np.array([x.weights is not None for x in features], bool)
+        arrays["weights"] = np.concatenate(
+            [x.weights if x.weights is not None else np.ones(len(x.labels), np.float32)
+             for x in features]
+        )  # fmt: skip
     with open(tmp, "wb") as f:
-        np.savez(
-            f,
-            input_ids=np.concatenate([x.input_ids for x in features] or [empty]),
-            labels=np.concatenate([x.labels for x in features] or [empty]),
-            lengths=np.array([len(x.input_ids) for x in features], np.int64),
-            stats=np.frombuffer(json.dumps(asdict(stats)).encode(), np.uint8),
-        )
+        np.savez(f, **arrays)
     os.replace(tmp, path)
 
 
@@ -413,10 +555,17 @@ def load_features(path: Path) -> tuple[list[Feature], PrepareStats]:
     with np.load(path, allow_pickle=False) as entry:
         ids, labels, lengths = entry["input_ids"], entry["labels"], entry["lengths"]
         stats = PrepareStats(**json.loads(entry["stats"].tobytes()))
+        weights = entry["weights"] if "weights" in entry else None
+        weighted = entry["weighted"] if "weighted" in entry else np.zeros(len(lengths), bool)
     if int(lengths.sum()) != len(ids) or len(ids) != len(labels) or len(lengths) != stats.kept:
         raise ValueError("inconsistent entry")
+    if weights is not None and (len(weights) != len(ids) or len(weighted) != len(lengths)):
+        raise ValueError("inconsistent entry")
     bounds = np.concatenate([[0], np.cumsum(lengths)]).tolist()
-    features = [Feature(ids[a:b], labels[a:b]) for a, b in itertools.pairwise(bounds)]
+    features = [
+        Feature(ids[a:b], labels[a:b], weights[a:b] if w else None)
+        for (a, b), w in zip(itertools.pairwise(bounds), weighted.tolist(), strict=True)
+    ]
     return features, stats
 
 
@@ -435,7 +584,14 @@ def collate(features: Sequence[Feature], pad_token_id: int) -> dict[str, torch.T
         input_ids[row, :n] = torch.from_numpy(f.input_ids)
         labels[row, :n] = torch.from_numpy(f.labels)
         attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    if any(f.weights is not None for f in features):  # else no key: the loss is unweighted
+        weights = torch.ones((len(features), width), dtype=torch.float32)
+        for row, f in enumerate(features):
+            if f.weights is not None:
+                weights[row, : len(f.weights)] = torch.from_numpy(f.weights)
+        out["weights"] = weights
+    return out
 
 
 def pack(features: Sequence[Feature]) -> dict[str, Any]:
@@ -453,7 +609,7 @@ def pack(features: Sequence[Feature]) -> dict[str, Any]:
     positions = np.arange(bounds[-1]) - np.repeat(bounds[:-1], lengths)
     input_ids = np.concatenate([f.input_ids for f in features]).astype(np.int64)
     bounds = torch.from_numpy(bounds.astype(np.int32))
-    return {
+    out = {
         "input_ids": torch.from_numpy(input_ids)[None],
         "labels": torch.from_numpy(labels)[None],
         "position_ids": torch.from_numpy(positions)[None],
@@ -462,6 +618,13 @@ def pack(features: Sequence[Feature]) -> dict[str, Any]:
         "max_length_q": max(lengths),
         "max_length_k": max(lengths),
     }
+    if any(f.weights is not None for f in features):  # else no key: the loss is unweighted
+        weights = [
+            f.weights if f.weights is not None else np.ones(len(f.labels), np.float32)
+            for f in features
+        ]
+        out["weights"] = torch.from_numpy(np.concatenate(weights))[None]
+    return out
 
 
 def batch(features: Sequence[Feature], pad_token_id: int, packed: bool) -> dict[str, Any]:

@@ -3,6 +3,9 @@
 Everything runs on an Accelerate ``Accelerator``, which owns device placement and mixed
 precision. The loss of an optimizer step is the mean over all supervised tokens of its
 (accumulated) batch: each micro-batch contributes ``sum of token losses / tokens in the step``.
+With per-turn loss weights (``data.train_on=per_message``) it is the weighted mean:
+``sum of weight x token loss / sum of weights in the step``; validation takes the same
+weighted mean over the validation split, so both curves measure one objective.
 
 Speed comes from doing only the work that changes the result: a micro-batch is one packed row
 (no padding; attention per example), and the output layer runs only at supervised positions.
@@ -14,6 +17,7 @@ from __future__ import annotations
 import functools
 import gc
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -26,11 +30,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
@@ -48,7 +53,7 @@ from instruct.checkpoint import (
     set_rng_state,
     step_name,
 )
-from instruct.config import check, to_container
+from instruct.config import TrainOn, check, to_container
 from instruct.data import Example, load_splits, prompt_and_reference, provenance
 from instruct.eval.runner import check_eval, eval_enabled
 from instruct.generate import generate
@@ -64,8 +69,17 @@ from instruct.model import (
 )
 from instruct.optim import build_optimizer, build_scheduler
 from instruct.templates import plain_template, render_many, to_messages
-from instruct.tokenize import Feature, PrepareStats, batch, collate, prepare_cached
+from instruct.tokenize import (
+    IGNORE_INDEX,
+    Feature,
+    PrepareStats,
+    batch,
+    collate,
+    encode_flat,
+    prepare_cached,
+)
 from instruct.tracking import Tracker, start_tracking
+from instruct.turns import select
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +102,8 @@ def evaluate(
     fused: bool = True,
     accelerator: Any = None,
 ) -> float:
-    """Mean loss over every supervised token of ``features`` (token-weighted, not per batch).
+    """Mean loss over every supervised token of ``features`` (token-weighted, not per batch);
+    the weighted mean when features carry loss weights, as in training.
 
     With several processes (``accelerator``), each takes every world-size-th example and the
     sums are added up over all of them: every example counts exactly once. Under FSDP each
@@ -167,13 +182,90 @@ def step_batches(
         epoch += 1
 
 
+DROPPED_NAMED = 5  # dropped examples named in the log and results.json; all are counted
+
+
+@dataclass
+class SplitStats(PrepareStats):
+    """:class:`PrepareStats` of a split that lost examples, and the first of them by name."""
+
+    dropped_examples: list[str] = field(default_factory=list)  # the first DROPPED_NAMED
+
+
 def tokenize_split(examples, cfg: DictConfig, tokenizer) -> tuple[list[Feature], PrepareStats]:
     with gc_paused():
         template = plain_template(cfg.template)
-        conversations = [to_messages(e, template) for e in examples]
-        rendered = render_many(conversations, template, tokenizer)
+        names = [example_name(examples, i) for i in range(len(examples))]
+        conversations, weights = select(
+            [to_messages(e, template) for e in examples],
+            cfg.data.get("train_on", TrainOn.all_assistant),
+            bool(cfg.data.get("train_on_prompt", False)),
+            names,
+        )
+        try:
+            rendered = render_many(conversations, template, tokenizer, weights=weights)
+        except ValueError:
+            for i, c in enumerate(conversations):  # the error, with the example that raised it
+                try:
+                    render_many([c], template, tokenizer, weights=weights and [weights[i]])
+                except ValueError as err:
+                    raise ValueError(f"{names[i]}: {err}") from err
+            raise
         cache = cache_root() / "tokenized" if cfg.trainer.tokenized_cache else None
-        return prepare_cached(rendered, tokenizer, cfg.trainer.max_length, cache)
+        features, stats = prepare_cached(rendered, tokenizer, cfg.trainer.max_length, cache)
+    if not stats.dropped:
+        return features, stats
+    dropped = dropped_examples(
+        examples, conversations, rendered, tokenizer, cfg.trainer.max_length, weights
+    )
+    return features, SplitStats(**vars(stats), dropped_examples=dropped[:DROPPED_NAMED])
+
+
+def example_name(examples: Sequence[Example], i: int) -> str:
+    """Where an example came from (``file.jsonl:12``), or its index in the split."""
+    return str(examples[i].get("where") or f"example {i}")
+
+
+def dropped_examples(
+    examples: Sequence[Example],
+    conversations: Sequence[Sequence[Mapping[str, Any]]],
+    rendered: Sequence[Any],
+    tokenizer: Any,
+    max_length: int,
+    weights: Sequence[Sequence[float] | None] | None = None,
+) -> list[str]:
+    """The examples :func:`prepare` drops, by name: nothing to train within ``max_length``.
+
+    One with a non-empty reply to train (``weights``: each conversation's per-message ones,
+    :func:`instruct.turns.select`) that has no trained token even untruncated is an error,
+    not a drop: its reply merged into the prompt's tokens, or the template wrote none of it.
+    Called only when something was dropped, it encodes the split again to tell which.
+    """
+    ids, labels, lengths, _ = encode_flat(rendered, tokenizer)
+    bounds = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    trained = np.concatenate([[0], np.cumsum(labels != IGNORE_INDEX)])
+    names, untrained = [], []
+    for i, (a, b) in enumerate(itertools.pairwise(bounds.tolist())):
+        cut = min(b, a + max_length)  # position 0 is never predicted, as in prepare()
+        if trained[cut] - trained[min(a + 1, cut)] == 0:
+            names.append(example_name(examples, i))
+            w = weights[i] if weights is not None else None
+            replies = [
+                m.get("content")
+                for k, m in enumerate(conversations[i])
+                if m["role"] == "assistant" and (w is None or w[k] > 0)
+            ]
+            if trained[b] - trained[min(a + 1, b)] == 0 and any(
+                isinstance(r, str) and r.strip() for r in replies
+            ):
+                untrained.append(names[-1])
+    if untrained:
+        raise ValueError(
+            f"examples with a reply but no token to train on ({len(untrained)}): "
+            f"{', '.join(untrained[:DROPPED_NAMED])}; their reply tokens merge with the prompt's "
+            "or the template writes none of them"
+        )
+    return names
 
 
 @contextmanager
@@ -204,9 +296,56 @@ def describe(name: str, stats: PrepareStats) -> str:
             f" ({stats.truncated} truncated to trainer.max_length, {stats.dropped} dropped "
             "with no response tokens left)"
         )
+    named = getattr(stats, "dropped_examples", None)
+    if named:
+        more = stats.dropped - len(named)
+        text += f"; dropped: {', '.join(named)}" + (f" and {more} more" if more > 0 else "")
     if stats.boundary_merges:
-        text += f"; {stats.boundary_merges} tokens merge prompt and reply text"
+        text += (
+            f"; {stats.boundary_merges} tokens cross the start or end of a trained span "
+            "(BPE merged it with the text beside it), left untrained"
+        )
+    if getattr(stats, "quoted_specials", 0):  # encoded as text (instruct.content)
+        text += (
+            f"; {stats.quoted_specials} examples quote special-token strings in their "
+            "messages, encoded as text"
+        )
     return text
+
+
+def tokenize_by_source(
+    examples: Sequence[Example], cfg: DictConfig, tokenizer: Any
+) -> tuple[list[Feature], PrepareStats, dict[str, PrepareStats]]:
+    """:func:`tokenize_split` once per mixture source (``example["source"]``), so each
+    source's kept, truncated and dropped examples are counted: every source's features (the
+    loop shuffles them), the stats of all, and each source's. Examples without a source (one
+    source, not a mixture) are one call, with no per-source stats."""
+    groups: dict[str | None, list[Example]] = {}
+    for e in examples:
+        groups.setdefault(e.get("source"), []).append(e)
+    if list(groups) in ([], [None]):
+        features, stats = tokenize_split(examples, cfg, tokenizer)
+        return features, stats, {}
+    parts = {str(k): tokenize_split(group, cfg, tokenizer) for k, group in groups.items()}
+    features = [f for kept, _ in parts.values() for f in kept]
+    per_source = {k: stats for k, (_, stats) in parts.items()}
+    return features, merge_stats(list(per_source.values())), per_source
+
+
+def merge_stats(parts: Sequence[PrepareStats]) -> PrepareStats:
+    """Several splits' stats as one: counts added, lists of named examples joined."""
+    kind = next((type(s) for s in parts if isinstance(s, SplitStats)), type(parts[0]))
+    merged: dict[str, Any] = {}
+    for f in fields(kind):
+        values = [getattr(s, f.name) for s in parts if hasattr(s, f.name)]
+        if all(isinstance(v, int | float) for v in values):
+            merged[f.name] = sum(values)
+        elif all(isinstance(v, list) for v in values):
+            joined = [x for v in values for x in v]
+            merged[f.name] = joined[:DROPPED_NAMED] if f.name == "dropped_examples" else joined
+        else:
+            merged[f.name] = values[0]
+    return kind(**merged)
 
 
 def total_steps(cfg: DictConfig, n_train: int, processes: int = 1) -> int:
@@ -415,6 +554,11 @@ RESUMABLE_CHANGES = (
 )
 
 
+# Keys added after checkpoints were already being saved, with the value that behaves as a
+# config without them did: a checkpoint whose config lacks one was trained that way.
+ADDED_SINCE = {"data.train_on": "all_assistant", "data.train_on_prompt": False}
+
+
 def changed_keys(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Dotted keys whose values differ between two configs and that a resume may not change."""
 
@@ -426,7 +570,7 @@ def changed_keys(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
             out.update(flat(v, f"{prefix}{k}."))
         return out
 
-    a, b = flat(saved), flat(current)
+    a, b = {**ADDED_SINCE, **flat(saved)}, flat(current)
     keys = sorted(k for k in a.keys() | b.keys() if a.get(k, "<unset>") != b.get(k, "<unset>"))
     return [k for k in keys if not k.startswith(RESUMABLE_CHANGES)]
 
@@ -484,6 +628,8 @@ def data_fingerprint(*splits: Sequence[Feature]) -> str:
             digest.update(len(f.input_ids).to_bytes(4, "little"))
             digest.update(f.input_ids.tobytes())
             digest.update(f.labels.tobytes())
+            if f.weights is not None:  # only then, so unweighted data keep their fingerprint
+                digest.update(f.weights.tobytes())
     return digest.hexdigest()
 
 
@@ -697,10 +843,15 @@ def setup(cfg: DictConfig) -> Run:
         cfg.seed,
     )
     with accelerator.local_main_process_first():  # tokenised cache: the others then read it
-        train_set, train_stats = tokenize_split(train_examples, cfg, tokenizer)
-        val_set, val_stats = tokenize_split(val_examples, cfg, tokenizer)
+        train_set, train_stats, train_sources = tokenize_by_source(train_examples, cfg, tokenizer)
+        val_set, val_stats, val_sources = tokenize_by_source(val_examples, cfg, tokenizer)
     log.info(describe("train", train_stats))
     log.info(describe("validation", val_stats))
+    sources: dict[str, dict[str, Any]] = {}  # a mixture's counts per source (data=mixture)
+    for name, per in (("train", train_sources), ("validation", val_sources)):
+        for label, stats in per.items():
+            log.info(describe(f"{name} [{label}]", stats))
+            sources.setdefault(label, {})[name] = vars(stats)
     for name, kept, stats in (
         ("train", train_set, train_stats),
         ("validation", val_set, val_stats),
@@ -767,6 +918,7 @@ def setup(cfg: DictConfig) -> Run:
             "train": vars(train_stats),
             "validation": vars(val_stats),
             "provenance": provenance(cfg.data),
+            **({"sources": sources} if sources else {}),
         },
         "trainable_parameters": trainable,
         "total_parameters": total,
@@ -981,9 +1133,13 @@ class Run:
         The micro-batches are those of every process: each takes every world-size-th example.
 
         Each micro-batch's summed loss is divided by the supervised tokens of the whole step,
-        so the gradient is that of the mean over all of them, however the step is split.
+        so the gradient is that of the mean over all of them, however the step is split. With
+        loss weights, by the sum of their weights: the weighted mean.
         """
         n_sup = sum(f.supervised for mb in micro_batches for f in mb)  # of every process
+        denominator: float = n_sup
+        if any(f.weights is not None for mb in micro_batches for f in mb):
+            denominator = sum(f.supervised_weight for mb in micro_batches for f in mb)
         pad_id, device = self.tokenizer.pad_token_id, self.accelerator.device
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         total = 0.0
@@ -998,7 +1154,7 @@ class Run:
                     loss, _ = loss_sum(self.scorer, inputs, self.cfg.trainer.fused_loss)
                 # DDP, FSDP and DeepSpeed average gradients over processes; times world,
                 # they add up.
-                scaled = loss * (weight * world / n_sup)
+                scaled = loss * (weight * world / denominator)
                 if self.deepspeed:  # the engine's own backward: it reduces at the boundary
                     self.model.set_gradient_accumulation_boundary(last)
                     self.model.backward(scaled, scale_wrt_gas=False)  # already token-weighted
@@ -1018,7 +1174,7 @@ class Run:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return total / n_sup, n_sup, float(grad_norm)
+        return total / denominator, n_sup, float(grad_norm)
 
     def loop(self) -> dict[str, Any]:
         with stop_signals() as stop:

@@ -149,13 +149,16 @@ def test_examples_all_too_long_are_counted_then_an_error(toy_data, tmp_path, cap
     cfg = toy_config(toy_data, tmp_path, "trainer.max_length=2", "logger=none")
     with pytest.raises(ValueError, match="no example left to train or validate on"):
         train(cfg)
-    counts = [r.getMessage() for r in caplog.records if "dropped with no response" in r.message]
+    lines = [r.getMessage() for r in caplog.records if "dropped with no response" in r.message]
+    counts = [line.split("; dropped: ")[0] for line in lines]
     assert counts == [
         "train: 0 examples, 0 tokens, 0 supervised (18 truncated to trainer.max_length, "
         "18 dropped with no response tokens left)",
         "validation: 0 examples, 0 tokens, 0 supervised (6 truncated to trainer.max_length, "
         "6 dropped with no response tokens left)",
     ]
+    # ... then the first few dropped examples by name, and how many more.
+    assert [line.rsplit(" and ", 1)[-1] for line in lines] == ["13 more", "1 more"]
     assert not (tmp_path / "checkpoints").exists()
 
 

@@ -12,6 +12,7 @@ from instruct.model import BUILDERS
 GROUPS = sorted({key.split("/")[0] for key in SCHEMAS})
 REQUIRED = {
     "data=file": ["data.paths=[train.jsonl]"],
+    "data=hf": ["data.path=tatsu-lab/alpaca"],
     "model=hf": ["model.path=some/model"],
     "model=gguf": ["model.path=some/folder", "model.gguf_file=model.gguf"],
 }

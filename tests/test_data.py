@@ -88,7 +88,8 @@ def test_file_source_with_its_own_validation_file(tmp_path):
     val = write_jsonl(tmp_path / "val.jsonl", [{"instruction": "c", "output": "d"}])
     cfg = compose(["data=file", f"data.paths=[{train}]", f"data.val_paths=[{val}]"]).data
     tr, va = load_splits(cfg, seed=0)
-    assert len(tr) == 3 and va == [{"instruction": "c", "output": "d"}]
+    # Each example keeps its origin, as errors and the masking report name it.
+    assert len(tr) == 3 and va == [{"instruction": "c", "output": "d", "where": f"{val}:1"}]
 
 
 @pytest.mark.parametrize(

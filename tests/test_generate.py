@@ -326,3 +326,45 @@ def test_the_cache_grows_into_spare_columns_without_changing_a_reply(chatty, mon
     default = generate(model, tokenizer, template, conversations, GREEDY)
     monkeypatch.setattr(module, "SPARE_COLUMNS", 1)  # a copy at every step, as before
     assert generate(model, tokenizer, template, conversations, GREEDY) == default
+
+
+def test_a_merged_adapter_computes_the_same_and_leaves_every_weight_as_it_was(lora_toy):
+    """Evaluation generates with LoRA merged into the weights (faster on the CPU). Inside, the
+    logits equal the unmerged adapter's; on leaving, every parameter is bit for bit what it
+    was (peft's unmerge alone leaves rounding), so the base model's pass after it (adapters
+    switched off) and later replies are those of the saved checkpoint."""
+    from instruct.generate import merged_adapter
+
+    run_dir, results = lora_toy
+    model, tokenizer, cfg = load_checkpoint(results["checkpoint"])
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # an adapter far from zero, so merging it changes the weights a lot
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.tensor([tokenizer("Name a colour, then explain why.")["input_ids"]])
+    with torch.no_grad():
+        tuned = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+        assert not torch.allclose(tuned, base, atol=1e-3)
+        with merged_adapter(model) as merged:
+            lora = [m for m in merged.modules() if hasattr(m, "lora_A") and m.lora_A]
+            assert lora and all(m.merged for m in lora)
+            assert torch.allclose(merged(input_ids=ids).logits, tuned, atol=1e-4)
+        assert not any(m.merged for m in lora)
+        after = model.state_dict()
+        assert after.keys() == before.keys()
+        changed = [k for k in before if not torch.equal(before[k], after[k])]
+        assert changed == []
+        assert torch.equal(model(input_ids=ids).logits, tuned)
+        with model.disable_adapter():
+            assert torch.equal(model(input_ids=ids).logits, base)
+    # The same replies through the evaluation path, merged or not.
+    conversations = instructions(cfg.template)[:6]
+    plain = generate(model, tokenizer, cfg.template, conversations, GREEDY, batch_size=4)
+    with merged_adapter(model) as merged:
+        fast = generate(merged, tokenizer, cfg.template, conversations, GREEDY, batch_size=4)
+    assert fast == plain

@@ -182,8 +182,10 @@ def test_a_one_slot_server_is_not_stormed(tmp_path):
         sent = server.chat_count
     assert [a.value for a in answers] == ["yes"] * 8
     # SDK retries with the same timeout would keep the queue full and time out again and
-    # again; here the timeouts die out within two retries each.
-    assert sent < 2 * 8
+    # again, every request spending all three attempts (24 sent) and some giving up; here the
+    # timeouts die out within two retries each. (How many need a second retry rides on tenths
+    # of a second of scheduling: a loaded 2-core CI machine sent 16.)
+    assert sent < 3 * 8
     got = rows(tmp_path)
     assert any(r["status"] == "timeout" for r in got)
     for number in {r["request"] for r in got}:

@@ -334,6 +334,26 @@ def test_val_loss_ranking_warns_when_validation_tokens_differ(tmp_path):
     assert "**Warning:**" in (root / "report.md").read_text(encoding="utf-8")
 
 
+def test_an_eval_ranking_notes_that_the_val_loss_column_compares_different_tokens(tmp_path):
+    """Ranked by an eval score, nothing is wrong with the ranking, but the table's val loss
+    column still invites a comparison it cannot carry: a note says so, and only then."""
+    root = tmp_path / "templates"
+    passed = [1 if i % 2 else 0 for i in range(40)]
+    for i, template in enumerate(("alpaca", "chatml")):
+        write_evaluated_job(root, i, [f"template={template}"], passed, [0] * 40, f"fp{i}")
+    ranked = rank(find_jobs(root))
+    assert ranked.metric.is_eval and ranked.warnings == []
+    assert len(ranked.notes) == 1 and "different tokens" in ranked.notes[0]
+    report(root)
+    text = (root / "report.md").read_text(encoding="utf-8")
+    assert "**Note:** the best val loss column is not comparable" in text
+    assert "**Warning:**" not in text
+    same = tmp_path / "lr"
+    for i, lr in enumerate(("1e-4", "1e-3")):
+        write_evaluated_job(same, i, [f"optimizer.lr={lr}"], passed, [0] * 40)
+    assert rank(find_jobs(same)).notes == []
+
+
 def test_val_loss_ranking_does_not_warn_when_only_the_learning_rate_differs(tmp_path):
     root = tmp_path / "lr"
     for i, lr in enumerate(("1e-4", "1e-3")):

@@ -93,8 +93,9 @@ def test_custom_yaml_template_matches_the_tokenizers_own_layout(templates, token
     native = render(CONVERSATION, templates["native"], tokenizer)
     assert custom.text.startswith("<|user|>\nHi!<|endoftext|>\n<|assistant|>\nHello.")
     assert native.text == custom.text + "\n"  # the jinja template ends every turn with \n
-    assert native.spans == custom.spans
-    assert native.trained_text() == "Hello. How can I help?<|endoftext|>2 + 3 = 5.<|endoftext|>"
+    # A native template trains all it writes after a reply (the prefix rule): that \n too.
+    assert [s for s, _ in native.spans] == [s for s, _ in custom.spans]
+    assert native.trained_text() == "Hello. How can I help?<|endoftext|>\n2 + 3 = 5.<|endoftext|>\n"
 
 
 def test_native_generation_prompt(templates, tokenizer):

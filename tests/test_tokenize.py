@@ -22,6 +22,8 @@ EOT = {
     "chatml": "<|im_end|>",
 }
 LEAD = {"vicuna": " "}  # vicuna's reply starts with the space after "ASSISTANT:"
+# A native template trains all it writes after a reply: the tiny template's \n after EOS too.
+TAIL = {"native": "\n"}
 
 
 def supervised_runs(tokenizer, feature: Feature) -> list[str]:
@@ -48,10 +50,11 @@ def test_supervised_tokens_decode_to_the_reply(templates, tokenizer, name, kind)
     t = templates[name]
     reply = REPLIES[kind]
     feature = tokenized(to_messages({"instruction": "Answer.", "output": reply}, t), t, tokenizer)
-    assert supervised_runs(tokenizer, feature) == [LEAD.get(name, "") + reply + EOT[name]]
+    tail = TAIL.get(name, "")
+    assert supervised_runs(tokenizer, feature) == [LEAD.get(name, "") + reply + EOT[name] + tail]
     # The end-of-turn token itself is trained, so the model learns to stop.
     trained = [label for label in feature.labels if label != IGNORE_INDEX]
-    assert trained[-1] == tokenizer.convert_tokens_to_ids(EOT[name])
+    assert trained[-1 - len(tail)] == tokenizer.convert_tokens_to_ids(EOT[name])
 
 
 @pytest.mark.parametrize("name", sorted(EOT))
@@ -68,7 +71,9 @@ def test_every_assistant_turn_of_a_conversation_is_trained(templates, tokenizer,
     feature = tokenized(messages, templates[name], tokenizer)
     lead = LEAD.get(name, "")
     assert supervised_runs(tokenizer, feature) == [
-        lead + m["content"] + EOT[name] for m in messages if m["role"] == "assistant"
+        lead + m["content"] + EOT[name] + TAIL.get(name, "")
+        for m in messages
+        if m["role"] == "assistant"
     ]
 
 

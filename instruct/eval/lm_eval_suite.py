@@ -44,6 +44,7 @@ except ImportError as err:  # an optional dependency: only runs that ask for the
         "eval.suites: lm_eval needs lm-evaluation-harness: pip install 'lm-eval>=0.4.13'"
     ) from err
 
+from instruct.content import ControlTokens, TextEncoder
 from instruct.eval.suite import EvalContext, Score, Suite, SuiteResult, register_suite
 from instruct.templates import chat_template, end_of_turn
 
@@ -73,29 +74,29 @@ class SpecialMarks:
     lm-eval renders a prompt to a string and encodes it with the tokenizer, which turns every
     special-token string into a control token, including one quoted in a document. Here the
     template's own special tokens are replaced by marker characters when the prompt is
-    rendered (:meth:`mark`); :meth:`encode` makes each marker its token and encodes the rest
-    with ``split_special_tokens``, so a document's ``<|im_end|>`` stays text.
+    rendered (:meth:`mark`); :meth:`encode` makes each marker its token and encodes the text
+    between them as training does (:class:`~instruct.content.TextEncoder`), so a document's
+    ``<|im_end|>`` stays text.
     """
 
     marker: Mapping[str, str]  # special-token string -> its marker character
     token_id: Mapping[str, int]  # marker character -> token id
     specials: re.Pattern[str]  # any special-token string, longest first
     markers: re.Pattern[str]  # any marker character
+    text: TextEncoder  # the tokenizer's encoding of the text between control tokens
 
     @classmethod
     def of(cls, tokenizer: Any) -> SpecialMarks:
-        tokens = {t for t in tokenizer.all_special_tokens if t}
-        tokens |= {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
-        ordered = sorted(tokens, key=lambda t: (-len(t), t))  # "<|im_end|>" before "<|im"
-        marker = {t: chr(_FIRST_MARK + i) for i, t in enumerate(ordered)}
-        token_id = {m: tokenizer.convert_tokens_to_ids(t) for t, m in marker.items()}
-        alternatives = "|".join(re.escape(t) for t in ordered) or r"(?!)"
+        controls = ControlTokens.of(tokenizer)  # longest first: "<|im_end|>" before "<|im"
+        marker = {t: chr(_FIRST_MARK + i) for i, t in enumerate(controls.strings)}
+        token_id = {m: controls.ids[t] for t, m in marker.items()}
         chars = "".join(marker.values())
         return cls(
             marker,
             token_id,
-            re.compile(alternatives),
+            controls.exact,
             re.compile(f"[{chars}]" if chars else r"(?!)"),
+            TextEncoder.of(tokenizer, controls),
         )
 
     def mark(self, text: str) -> str:
@@ -113,17 +114,11 @@ class SpecialMarks:
 
     def encode(self, text: str, tokenizer: Any) -> list[int]:
         """Token ids of ``text``: markers are control tokens, everything else is text."""
-        ids: list[int] = []
-        start = 0
-        for m in [*self.markers.finditer(text), None]:
-            data = text[start : m.start() if m else len(text)]
-            if data:
-                enc = tokenizer(data, add_special_tokens=False, split_special_tokens=True)
-                ids += enc.input_ids
-            if m:
-                ids.append(self.token_id[m.group(0)])
-                start = m.end()
-        return ids
+        encoder = self.text if tokenizer is self.text.tokenizer else TextEncoder.of(tokenizer)
+        marks = [
+            (m.start(), m.end(), self.token_id[m.group(0)]) for m in self.markers.finditer(text)
+        ]
+        return encoder.between(text, marks)[0]
 
 
 def special_wrapping(tokenizer: Any) -> tuple[list[int], list[int]]:

@@ -16,6 +16,7 @@ rates scores the base model once.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
@@ -107,20 +108,23 @@ def greedy(max_new_tokens: int) -> SimpleNamespace:
 
 
 def generator(
-    model: Any, tokenizer: Any, template: Any, cfg: Any
+    model: Any, tokenizer: Any, template: Any, cfg: Any, merge: bool = False
 ) -> Callable[[Sequence[Sequence[Message]]], list[str]]:
-    """Replies through the shared batched generation path, greedy, timed."""
-    from instruct.generate import generate
+    """Replies through the shared batched generation path, greedy. ``merge``: with LoRA
+    merged into the weights while generating (the tuned model; never the base model, whose
+    adapters are switched off around this)."""
+    from instruct.generate import generate, merged_adapter
 
     def answer(conversations: Sequence[Sequence[Message]]) -> list[str]:
-        return generate(
-            model,
-            tokenizer,
-            template,
-            conversations,
-            greedy(cfg.max_new_tokens),
-            batch_size=cfg.batch_size,
-        )
+        with merged_adapter(model) if merge else contextlib.nullcontext(model) as m:
+            return generate(
+                m,
+                tokenizer,
+                template,
+                conversations,
+                greedy(cfg.max_new_tokens),
+                batch_size=cfg.batch_size,
+            )
 
     return answer
 
@@ -239,7 +243,7 @@ def evaluate_model(
     out_dir.mkdir(parents=True, exist_ok=True)
     template = run_cfg.template
     suites = [suite_class(name)(cfg) for name in cfg.suites]
-    answer = generator(model, tokenizer, template, cfg)
+    answer = generator(model, tokenizer, template, cfg, merge=True)
 
     def base_answer(conversations: Sequence[Sequence[Message]]) -> list[str]:
         with base_model_of(model, run_cfg, tokenizer) as base:
