@@ -374,9 +374,12 @@ def train(cfg: DictConfig, command: Sequence[str] | None = None) -> dict[str, An
         finished["eval"] = evaluate_best(cfg, finished, tracker=None)
         write_results(Path(cfg.run_dir), finished)
         return finished
+    from instruct.compat import installed_versions
+
     run = setup(cfg)
     try:
         results = run.loop()
+        results["versions"] = installed_versions()  # the libraries this run trained with
     except Interrupted as stop:
         run.tracker.finish(exit_code=1)
         if run.accelerator.is_main_process:
