@@ -4,10 +4,10 @@ No public or supported reader serves, in wandb 0.31:
 - ``wandb.sdk.internal.datastore`` (the Python reader) is gone since the Go core writes the
   files;
 - ``wandb.Api`` reads runs from a server, and ``wandb sync`` only uploads;
-- ``wandb leet inspect --json`` (a terminal viewer's dump) exists only in recent versions,
-  starts the Go core for each read (0.8 s measured, against milliseconds here, and the tests
-  poll a file every 0.1 s while W&B flushes it) and names nested keys with ``.`` where this
-  reader uses ``/``.
+- ``wandb leet inspect --json`` dumps the records, but as a terminal viewer's output, not a
+  documented export: it starts the Go core for each read (0.8 s measured, against
+  milliseconds here, and the tests poll a file every 0.1 s while W&B flushes it), and it
+  names nested keys with ``.`` where this reader, and so every recorded result, uses ``/``.
 
 So the file is parsed here, with W&B's own protobuf schema (``wandb.proto``, which the SDK
 uses to talk to its core). The test in ``tests/test_compat.py`` writes a real offline run and
