@@ -37,6 +37,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from instruct.compat.deepspeed import has_master, link_moments
+
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
@@ -272,12 +274,6 @@ def shard_optimizer_state(state: dict[str, Any], optimizer: Any) -> dict[str, An
 # ---------------------------------------------------------------- DeepSpeed ZeRO stages 1-2
 
 
-def has_master(param: Any) -> bool:
-    """Whether DeepSpeed keeps ``param``'s fp32 master copy, partitioned, in its optimizer
-    (every process's parameter carries the mark, even one holding none of it)."""
-    return hasattr(param, "_hp_mapping")
-
-
 def zero_managed(model: Any) -> bool:
     return any(has_master(p) for p in model.parameters())
 
@@ -334,18 +330,6 @@ def zero_optimizer_state(zero: Any, keep: bool) -> dict[str, Any]:
             index += 1
         groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": indices})
     return {"state": state, "param_groups": groups} if keep else {}
-
-
-def link_moments(zero: Any) -> None:
-    """Point each parameter at its part of the optimizer's moments.
-
-    DeepSpeed (0.19) links them once, right after the first group's first step, when the
-    other groups have no moments yet: with several parameter groups (weight decay on the
-    matrices, none on norms and biases) those others stay unlinked and ``exp_avg`` is "not
-    found" for them. Linking again once every group has stepped fixes that.
-    """
-    zero._hp_optimizer_states_linked = False
-    zero._lazy_init_hp_params_optimizer_state()
 
 
 def load_zero_state(

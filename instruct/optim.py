@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from instruct.compat.torch import fused_kernel_devices
+
 SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 
 
@@ -30,12 +32,7 @@ def build_optimizer(model: Any, cfg: Any) -> torch.optim.Optimizer:
 
 def fused_supported(params: list[torch.Tensor]) -> bool:
     """Whether torch's fused AdamW takes these parameters: floating point, on CPU or CUDA."""
-    try:  # private, but where torch itself looks before accepting fused=True
-        from torch.optim.optimizer import _get_fused_kernels_supported_devices
-
-        devices = set(_get_fused_kernels_supported_devices())
-    except ImportError:
-        devices = {"cuda"}
+    devices = fused_kernel_devices()
     return bool(params) and all(
         p.device.type in devices and torch.is_floating_point(p) for p in params
     )

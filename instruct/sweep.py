@@ -26,11 +26,12 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from instruct.compat.hydra import args_parser, sweeper_target
+
 # Where conf/config.yaml's hydra.sweep.dir puts sweeps (relative to the working directory):
 # outputs/multirun/<date>/<time>.
 SWEEP_ROOT = Path("outputs/multirun")
 NEW_SWEEP_FLAG = "--new-sweep"
-BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 # Hydra overrides that may differ between two runs of one sweep without changing its jobs:
 # where it runs, and how it logs (under torchrun, every process but the main one adds
 # hydra.output_subdir=null and hydra/job_logging=stdout, and may write multirun.yaml last).
@@ -72,7 +73,7 @@ class Sweep:
     def continuable(self) -> bool:
         """Only the basic sweeper gives job N the same overrides every time (an Optuna
         study samples new values)."""
-        return self.sweeper == BASIC_SWEEPER
+        return self.sweeper == sweeper_target("basic")
 
     @property
     def complete(self) -> bool:
@@ -89,12 +90,11 @@ class Sweep:
 def parse_command(argv: list[str]) -> Command | None:
     """The multirun that ``argv`` (``sys.argv``) starts; None when it starts none (no ``-m``,
     ``--cfg``, ``--info``, ``--help``, or arguments Hydra will reject and report itself)."""
-    from hydra._internal.utils import get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     try:
         with redirect_stderr(io.StringIO()):  # Hydra reports a bad command line itself
-            args, unknown = get_args_parser().parse_known_args(argv[1:])
+            args, unknown = args_parser().parse_known_args(argv[1:])
         overrides = OverridesParser.create().parse_overrides(args.overrides)
     except (Exception, SystemExit):  # noqa: BLE001 - the parser's errors are Hydra's to report
         return None

@@ -10,12 +10,13 @@ import json
 import logging
 import os
 import ssl
-import struct
 import time
 from pathlib import Path
 from typing import Any
 from urllib.error import HTTPError, URLError
 from urllib.request import Request, urlopen
+
+from instruct.compat.wandb import read_run_file
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def wandb_holds_through(run: Any, run_dir: Path) -> int:
             continue
         for run_file in folder.glob("run-*.wandb"):
             try:
-                history = _read_offline_run(run_file)["history"]
+                history = read_run_file(run_file)["history"]
             except (OSError, ValueError):
                 continue
             steps = [int(row["_step"]) for row in history if "_step" in row]
@@ -258,40 +259,6 @@ def silent_server(url: str, timeout: float) -> str | None:
     return None
 
 
-# The .wandb file: a 7-byte header (":W&B", magic 0xBEE1, version 0), then LevelDB-log style
-# records in 32 KiB blocks: crc32 (4), length (2), type (1: full, 2: first, 3: middle, 4: last).
-_HEADER = b":W&B\xe1\xbe\x00"
-_BLOCK = 32 * 1024
-_RECORD_HEADER = 7
-
-
-def _record_payloads(data: bytes) -> list[bytes]:
-    if not data.startswith(_HEADER):
-        raise ValueError("not a W&B run file (bad header)")
-    payloads, pending, pos = [], b"", len(_HEADER)
-    while pos + _RECORD_HEADER <= len(data):
-        left_in_block = _BLOCK - pos % _BLOCK
-        if left_in_block < _RECORD_HEADER:  # block trailer padding
-            pos += left_in_block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos : pos + _RECORD_HEADER])
-        if kind == 0 and length == 0:
-            pos += left_in_block
-            continue
-        chunk = data[pos + _RECORD_HEADER : pos + _RECORD_HEADER + length]
-        pos += _RECORD_HEADER + length
-        if kind == 1:
-            payloads.append(chunk)
-        elif kind == 2:
-            pending = chunk
-        elif kind == 3:
-            pending += chunk
-        elif kind == 4:
-            payloads.append(pending + chunk)
-            pending = b""
-    return payloads
-
-
 def read_offline_run(run_path: str | Path, wait_seconds: float = 0.0) -> dict[str, Any]:
     """History rows, summary, config and run info recorded in an offline W&B run folder.
 
@@ -301,46 +268,7 @@ def read_offline_run(run_path: str | Path, wait_seconds: float = 0.0) -> dict[st
     """
     deadline = time.monotonic() + wait_seconds
     while True:
-        out = _read_offline_run(run_path)
+        out = read_run_file(run_path)
         if out["complete"] or time.monotonic() >= deadline:
             return out
         time.sleep(0.1)
-
-
-def _read_offline_run(run_path: str | Path) -> dict[str, Any]:
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    run_path = Path(run_path)
-    files = sorted(run_path.glob("*.wandb")) if run_path.is_dir() else [run_path]
-    if not files:
-        raise FileNotFoundError(f"{run_path}: no .wandb file")
-    out: dict[str, Any] = {"history": [], "summary": {}, "config": {}, "run": {}}
-    out["complete"] = False
-    for payload in _record_payloads(files[0].read_bytes()):
-        record = pb.Record()
-        record.ParseFromString(payload)
-        kind = record.WhichOneof("record_type")
-        if kind == "history":
-            out["history"].append({_key(i): json.loads(i.value_json) for i in record.history.item})
-        elif kind == "summary":
-            out["summary"].update(
-                {_key(i): json.loads(i.value_json) for i in record.summary.update}
-            )
-        elif kind == "config":
-            out["config"].update({_key(i): json.loads(i.value_json) for i in record.config.update})
-        elif kind == "exit":
-            out["complete"] = True
-        elif kind == "run":
-            r = record.run
-            out["config"].update({_key(i): json.loads(i.value_json) for i in r.config.update})
-            out["run"] = {
-                "id": r.run_id,
-                "name": r.display_name,
-                "group": r.run_group,
-                "project": r.project,
-            }
-    return out
-
-
-def _key(item: Any) -> str:
-    return item.key or "/".join(item.nested_key)

@@ -374,9 +374,12 @@ def train(cfg: DictConfig, command: Sequence[str] | None = None) -> dict[str, An
         finished["eval"] = evaluate_best(cfg, finished, tracker=None)
         write_results(Path(cfg.run_dir), finished)
         return finished
+    from instruct.compat import installed_versions
+
     run = setup(cfg)
     try:
         results = run.loop()
+        results["versions"] = installed_versions()  # the libraries this run trained with
     except Interrupted as stop:
         run.tracker.finish(exit_code=1)
         if run.accelerator.is_main_process:
@@ -663,13 +666,14 @@ def new_accelerator(mixed_precision: str) -> Any:
     precision (Hydra multirun jobs and Optuna trials share one process). Accelerate keeps its
     state process-wide and refuses a change; the distributed part (PartialState) is kept."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
+    from accelerate.state import is_initialized
 
-    state = AcceleratorState._shared_state
-    if state and state.get("_mixed_precision", mixed_precision) != mixed_precision:
-        AcceleratorState._reset_state()
+    from instruct.compat.accelerate import forget_accelerator, precision_differs
+
+    if precision_differs(mixed_precision):
+        forget_accelerator()
     cpu = cpu_only_launch()
-    if not AcceleratorState._shared_state:
+    if not is_initialized():
         join_launch()
         offer_fsdp(cpu)
     return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
@@ -692,9 +696,10 @@ def offer_fsdp(cpu: bool) -> None:
 
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
         return
-    joined = PartialState(cpu=cpu).distributed_type
-    if joined in (DistributedType.MULTI_CPU, DistributedType.FSDP):
-        PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
+    state = PartialState(cpu=cpu)
+    if state.distributed_type in (DistributedType.MULTI_CPU, DistributedType.FSDP):
+        # PartialState's instances share one dict: this holds for the whole process.
+        state.distributed_type = DistributedType.MULTI_GPU
 
 
 def join_launch() -> Any:
@@ -787,8 +792,10 @@ def root_gathered(model: Any, fsdp: bool) -> Iterator[None]:
     if not fsdp:
         yield
         return
+    from instruct.compat.transformers import mark_fsdp_managed
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base._is_fsdp_managed_module = True  # transformers' own mark: generate(synced_gpus=True)
+    mark_fsdp_managed(base)  # transformers' own mark: generate(synced_gpus=True)
     model.unshard()
     try:
         yield

@@ -15,9 +15,9 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+from instruct.compat.hydra import sweeper_target
 from instruct.config import compose, option_names
 from instruct.sweep import (
-    BASIC_SWEEPER,
     continue_sweep,
     count_jobs,
     override_values,
@@ -315,9 +315,10 @@ def fake_sweep(
     finished: list[int],
     started: list[int] = (),
     hydra: list[str] = (),
-    sweeper: str = BASIC_SWEEPER,
+    sweeper: str | None = None,  # None: Hydra's basic sweeper
     params: dict | None = None,
 ) -> Path:
+    sweeper = sweeper or sweeper_target("basic")
     folder = root / stamp
     folder.mkdir(parents=True)
     recorded = {

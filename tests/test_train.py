@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from instruct.checkpoint import load_checkpoint
+from instruct.compat import installed_versions
 from instruct.config import compose
 from instruct.data import load_splits
 from instruct.tracking import read_offline_run
@@ -53,6 +54,9 @@ def test_results_json_is_complete(full_run):
     assert on_disk["best_val_loss"] == min(v for _, v in on_disk["val_loss_history"])
     assert on_disk["supervised_tokens"] > 0 and on_disk["train_seconds"] > 0
     assert Path(on_disk["checkpoint"]) == run_dir / "checkpoints" / "best"
+    versions = on_disk["versions"]  # the libraries it trained with
+    assert versions == results["versions"] == installed_versions()
+    assert {"torch", "transformers", "peft", "accelerate", "wandb", "instruct"} <= set(versions)
 
 
 def test_wandb_offline_run_holds_the_losses(full_run):
