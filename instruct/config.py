@@ -3,17 +3,30 @@
 Each YAML option in ``conf/<group>/`` starts with ``defaults: [<group>_schema, _self_]``, so
 Hydra validates it against the dataclass below: ``lora.rank=abc`` or ``lora.rnak=8`` fails at
 composition, before any model loads.
+
+A key with a fixed set of values is a :class:`~enum.StrEnum` field, so ``trainer.precision=fp99``
+fails there too, with OmegaConf's message naming the key and the allowed values. OmegaConf
+matches a value to a member by name, and each member's value is its name: the strings written
+in YAML and on the command line are the member names, and a member compares equal to, formats
+as and serialises (JSON, ``to_container``, ``to_yaml``) to that same plain string.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class TemplateKind(StrEnum):
+    """How a template renders (instruct.templates)."""
+
+    format = "format"  # from the format strings of TemplateConfig
+    native = "native"  # the tokenizer's own chat_template
 
 
 @dataclass
@@ -26,8 +39,8 @@ class TemplateConfig:
     """
 
     name: str = MISSING
-    # "format": render from the fields below; "native": the tokenizer's own chat_template.
-    kind: str = "format"
+    # format: render from the fields below; native: the tokenizer's own chat_template.
+    kind: TemplateKind = TemplateKind.format
     system: str | None = None  # default system prompt when a conversation has none
     system_with_input: str | None = None  # Alpaca uses a second preamble when there is an input
     input_format: str = "{instruction}\n\n{input}"  # merges instruction and input into one turn
@@ -44,7 +57,7 @@ class TemplateConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
-class TrainOn(Enum):
+class TrainOn(StrEnum):
     """Which assistant turns are trained (instruct.turns)."""
 
     all_assistant = "all_assistant"  # every reply
@@ -69,7 +82,7 @@ class ManualDataConfig(DataConfig):
     source: str = "manual"
 
 
-class DataFormat(Enum):
+class DataFormat(StrEnum):
     """How a data source is read (instruct.data.readers); ``auto`` goes by the path."""
 
     auto = "auto"  # by suffix (.gz / .zst stripped first); a folder: saved or hub; else hub
@@ -187,11 +200,20 @@ class SelfInstructConfig:
     data: SelfInstructDataConfig = MISSING
 
 
+class Dtype(StrEnum):
+    """The dtype a model's weights load in (instruct.model.resolve_dtype)."""
+
+    auto = "auto"  # bfloat16 on a GPU that supports it, else float32
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
 @dataclass
 class ModelConfig:
     name: str = MISSING
     builder: str = MISSING  # key in instruct.model.BUILDERS
-    dtype: str = "float32"  # float32 | bfloat16 | float16 | auto
+    dtype: Dtype = Dtype.float32
     path: str | None = None  # hf: folder or hub id; gguf: folder holding gguf_file
     trust_remote_code: bool = False
     gguf_file: str | None = None  # gguf: the weights file, dequantised once into the cache
@@ -207,6 +229,15 @@ class ModelConfig:
     init_seed: int = 0
 
 
+class DropoutDraw(StrEnum):
+    """How fused LoRA layers draw dropout on the CPU (instruct.model.draw_dropout); the same
+    distribution either way. GPUs always draw a mask."""
+
+    auto = "auto"  # positions below dropout 0.2 (instruct.model.POSITIONS_BELOW), else mask
+    positions = "positions"  # the positions of the dropped elements, zeroed in a copy of the input
+    mask = "mask"  # a boolean mask of every element
+
+
 @dataclass
 class LoraConfig:
     enabled: bool = True
@@ -217,27 +248,46 @@ class LoraConfig:
     # the adapter's product accumulated into the base output by the matmul, only what dropout
     # dropped kept instead of two float copies of the input. Same result as peft's layers.
     fused: bool = True
-    # How fused layers draw dropout on the CPU: "positions" of the dropped elements (zeroed in
-    # a copy of the input), a "mask" of every element, or "auto": positions below dropout 0.2.
-    # The same distribution either way; GPUs always draw a mask.
-    dropout_draw: str = "auto"  # one of DROPOUT_DRAWS
+    dropout_draw: DropoutDraw = DropoutDraw.auto  # how fused layers draw dropout on the CPU
     # "all-linear": every linear layer except the output head (peft's own rule).
     target_modules: Any = "all-linear"
 
 
+class OptimizerName(StrEnum):
+    """The optimizers instruct.optim.build_optimizer builds."""
+
+    adamw = "adamw"
+
+
+class Scheduler(StrEnum):
+    """Learning-rate schedules after the warmup (instruct.optim.SCHEDULES)."""
+
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+
+
 @dataclass
 class OptimizerConfig:
-    name: str = "adamw"
+    name: OptimizerName = OptimizerName.adamw
     lr: float = 2e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     weight_decay: float = 0.0
-    scheduler: str = "cosine"  # cosine | linear | constant
+    scheduler: Scheduler = Scheduler.cosine
     warmup_steps: int = 0
     warmup_ratio: float = 0.0  # used when warmup_steps is 0
     max_grad_norm: float | None = 1.0  # None: no clipping
     # One fused kernel for the whole update; None: fused where torch has it for the device.
     fused: bool | None = None
+
+
+class Precision(StrEnum):
+    """Mixed precision, applied through Accelerate (instruct.train.PRECISIONS)."""
+
+    fp32 = "fp32"
+    bf16 = "bf16"  # autocast (CPU or GPU), fp32 master weights, frozen LoRA base in bf16
+    fp16 = "fp16"
 
 
 @dataclass
@@ -249,7 +299,7 @@ class TrainerConfig:
     max_length: int = 1024
     eval_every: int = 20  # optimizer steps
     eval_batch_size: int | None = None  # None: batch_size
-    precision: str = "fp32"  # fp32 | bf16 | fp16, applied through Accelerate
+    precision: Precision = Precision.fp32
     # Each micro-batch's examples end to end in one row, attention kept within each example:
     # no padding, and the same loss as a padded batch (checked on the model at start-up).
     packing: bool = True
@@ -275,10 +325,23 @@ class TrainerConfig:
     sample_max_new_tokens: int = 64
 
 
+class LoggerBackend(StrEnum):
+    wandb = "wandb"
+    none = "none"  # no logging beyond the run folder's own files
+
+
+class LoggerMode(StrEnum):
+    """W&B's mode (wandb.init's ``mode``); disabled: no W&B run, as backend none."""
+
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
 @dataclass
 class LoggerConfig:
-    backend: str = "wandb"  # wandb | none
-    mode: str = "offline"  # online | offline | disabled
+    backend: LoggerBackend = LoggerBackend.wandb
+    mode: LoggerMode = LoggerMode.offline
     # Online: seconds wandb.init may wait for the server; then the run is logged offline
     # (a server that refuses connections is detected at once). W&B's own default is 90.
     init_timeout: float = 30.0
@@ -437,7 +500,7 @@ class ExportConfig:
 
     checkpoint: str = MISSING
     out: str = MISSING
-    dtype: str | None = None  # None: the training dtype
+    dtype: Dtype | None = None  # None: the training dtype
 
 
 CLI_SCHEMAS: dict[str, type] = {
@@ -514,14 +577,9 @@ def compose(
         )
 
 
-# What model.dtype may name (instruct.model.resolve_dtype turns it into a torch dtype).
-MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
-# What lora.dropout_draw may name (instruct.model.draw_dropout follows it).
-DROPOUT_DRAWS = ("auto", "positions", "mask")
-
-
 def check(cfg: DictConfig) -> None:
-    """Range checks the schema's types cannot express, run before any model loads.
+    """Range and cross-field checks the schema's types cannot express, run before any model
+    loads (a key with a fixed set of values is an Enum field, checked at composition).
 
     Every broken rule is reported at once: its key, what it must be and the value given.
     """
@@ -540,7 +598,6 @@ def check(cfg: DictConfig) -> None:
         ("trainer.max_length", t.max_length >= 2, "at least 2"),
         ("trainer.epochs", t.epochs >= 1 or t.max_steps is not None, "at least 1"),
         ("trainer.max_steps", t.max_steps is None or t.max_steps >= 1, "null or at least 1"),
-        ("trainer.precision", t.precision in ("fp32", "bf16", "fp16"), "fp32, bf16 or fp16"),
         ("optimizer.lr", o.lr > 0 and math.isfinite(o.lr), "positive and finite"),
         ("optimizer.eps", o.eps > 0, "positive"),
         ("optimizer.weight_decay", o.weight_decay >= 0, "at least 0"),
@@ -555,32 +612,15 @@ def check(cfg: DictConfig) -> None:
             o.max_grad_norm is None or o.max_grad_norm > 0,
             "null (no clipping) or positive",
         ),
-        (
-            "optimizer.scheduler",
-            o.scheduler in ("cosine", "linear", "constant"),
-            "cosine, linear or constant",
-        ),
         ("optimizer.warmup_ratio", 0 <= o.warmup_ratio < 1, "in [0, 1)"),
         ("lora.rank", not lora.enabled or lora.rank >= 1, "at least 1"),
         ("lora.dropout", 0 <= lora.dropout < 1, "in [0, 1)"),
-        (
-            "lora.dropout_draw",
-            lora.dropout_draw in DROPOUT_DRAWS,
-            ", ".join(DROPOUT_DRAWS[:-1]) + " or " + DROPOUT_DRAWS[-1],
-        ),
         ("lora.alpha", lora.alpha is None or lora.alpha > 0, "null (2 x rank) or positive"),
         ("data.val_fraction", 0 < cfg.data.val_fraction < 1, "in (0, 1)"),
         (
             "data.max_examples",
             cfg.data.max_examples is None or cfg.data.max_examples >= 1,
             "null or at least 1",
-        ),
-        ("model.dtype", cfg.model.dtype in MODEL_DTYPES, " or ".join(MODEL_DTYPES)),
-        ("template.kind", cfg.template.kind in ("format", "native"), "format or native"),
-        (
-            "logger.mode",
-            cfg.logger.mode in ("online", "offline", "disabled"),
-            "online, offline or disabled",
         ),
         ("logger.init_timeout", cfg.logger.init_timeout > 0, "positive (seconds)"),
     ]

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from instruct.config import DROPOUT_DRAWS
+from instruct.config import DropoutDraw, Dtype
 from instruct.templates import chat_template, stop_tokens
 
 log = logging.getLogger(__name__)
@@ -42,14 +42,22 @@ TINY_CHAT_TEMPLATE = (
 )
 
 
+# The torch dtype of each model.dtype but auto (see resolve_dtype).
+DTYPES = {
+    Dtype.float32: torch.float32,
+    Dtype.bfloat16: torch.bfloat16,
+    Dtype.float16: torch.float16,
+}
+
+
 def resolve_dtype(name: str) -> torch.dtype:
-    if name == "auto":
+    """The torch dtype a :class:`~instruct.config.Dtype` (``model.dtype``, ``export.dtype``)
+    names; ``auto``: bfloat16 on a GPU that supports it, else float32."""
+    dtype = Dtype(name)
+    if dtype is Dtype.auto:
         cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if cuda_bf16 else torch.float32
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in dtypes:
-        raise ValueError(f"model.dtype: expected auto or one of {sorted(dtypes)}, got {name!r}")
-    return dtypes[name]
+    return DTYPES[dtype]
 
 
 def tokenizer_corpus() -> Iterator[str]:
@@ -482,10 +490,9 @@ def draw_dropout(shape: torch.Size, p: float, device: Any, how: str = "auto") ->
     the CPU when ``p`` is below :data:`POSITIONS_BELOW`. Either way each element is dropped
     independently with probability ``p``, and torch's seed fixes the draw.
     """
-    if how not in DROPOUT_DRAWS:
-        raise ValueError(f"lora.dropout_draw must be {', '.join(DROPOUT_DRAWS)}, got {how!r}")
+    how = DropoutDraw(how)
     cpu = torch.device(device).type == "cpu"
-    if cpu and (how == "positions" or (how == "auto" and p < POSITIONS_BELOW)):
+    if cpu and (how is DropoutDraw.positions or (how is DropoutDraw.auto and p < POSITIONS_BELOW)):
         return dropped_positions(math.prod(shape), p)
     return keep_mask(shape, p, device)
 

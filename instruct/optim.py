@@ -7,14 +7,19 @@ from typing import Any
 import torch
 
 from instruct.compat.torch import fused_kernel_devices
+from instruct.config import Scheduler
 
-SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+# transformers' name of each optimizer.scheduler (get_scheduler), warmup included.
+SCHEDULES = {
+    Scheduler.cosine: "cosine",
+    Scheduler.linear: "linear",
+    Scheduler.constant: "constant_with_warmup",
+}
 
 
 def build_optimizer(model: Any, cfg: Any) -> torch.optim.Optimizer:
-    """AdamW; weight decay skips biases and norm weights (every parameter with ndim < 2)."""
-    if cfg.name != "adamw":
-        raise ValueError(f"optimizer.name: only adamw is available, got {cfg.name!r}")
+    """AdamW (``optimizer.name``'s one value); weight decay skips biases and norm weights
+    (every parameter with ndim < 2)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
@@ -45,12 +50,8 @@ def warmup_steps(cfg: Any, total_steps: int) -> int:
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Any, total_steps: int) -> Any:
     from transformers import get_scheduler
 
-    if cfg.scheduler not in SCHEDULES:
-        raise ValueError(
-            f"optimizer.scheduler: expected one of {list(SCHEDULES)}, got {cfg.scheduler!r}"
-        )
     return get_scheduler(
-        SCHEDULES[cfg.scheduler],
+        SCHEDULES[Scheduler(cfg.scheduler)],
         optimizer,
         num_warmup_steps=warmup_steps(cfg, total_steps),
         num_training_steps=total_steps,

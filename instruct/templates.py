@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
+from instruct.config import TemplateKind
 from instruct.content import ControlTokens, hide
 
 Message = dict[str, str]
@@ -156,7 +157,7 @@ def render(
     :meth:`~instruct.content.ControlTokens.of`, when the caller has them already.
     """
     check_messages(messages)
-    if template.kind != "native":
+    if template.kind != TemplateKind.native:
         refuse_tool_fields(messages, template)
     controls = controls if controls is not None else ControlTokens.of(tokenizer)
     tools = getattr(messages, "tools", None)
@@ -180,7 +181,7 @@ def _render(
     tools: list[Any] | None = None,
     weights: Sequence[float] | None = None,
 ) -> Rendered:
-    if template.kind == "native":
+    if template.kind == TemplateKind.native:
         kwargs = template_kwargs(template)
         if tools:
             kwargs["tools"] = tools
@@ -191,8 +192,6 @@ def _render(
             f"template {template.name}: template.kwargs go to the tokenizer's chat template "
             "(apply_chat_template), which only template=native uses"
         )
-    if template.kind != "format":
-        raise ValueError(f"template {template.name}: kind must be 'format' or 'native'")
     special = special if special is not None else special_strings(tokenizer)
     return _compiled(template, dict(special)).render(messages, add_generation_prompt, weights)
 
@@ -219,7 +218,7 @@ def template_kwargs(template: Any) -> dict[str, Any]:
 
 def _written_by(template: Any, tokenizer: Any) -> str:
     """All the text a template may write itself (placeholders must differ from it)."""
-    if template.kind == "native":
+    if template.kind == TemplateKind.native:
         source = getattr(tokenizer, "chat_template", None) or ""
         return source if isinstance(source, str) else "".join(map(str, source.values()))
     fields = vars(template) if not hasattr(template, "items") else dict(template.items())
@@ -248,7 +247,7 @@ def render_many(
     plain = plain_template(template)
     conversations = list(conversations)
     per = list(weights) if weights is not None else [None] * len(conversations)
-    if plain.kind != "format":
+    if plain.kind != TemplateKind.format:
         return [
             render(c, plain, tokenizer, add_generation_prompt, special, controls, w)
             for c, w in zip(conversations, per, strict=True)
@@ -843,7 +842,7 @@ def chat_template(template: Any, tokenizer: Any) -> str:
     training prompt token for token. A native template is the tokenizer's own, with its
     ``template.kwargs`` set at the top (:func:`with_kwargs`).
     """
-    if template.kind == "native":
+    if template.kind == TemplateKind.native:
         return with_kwargs(tokenizer.chat_template, template_kwargs(template))
     special = special_strings(tokenizer)
     lit = _jinja_literal

@@ -17,6 +17,7 @@ from urllib.error import HTTPError, URLError
 from urllib.request import Request, urlopen
 
 from instruct.compat.wandb import read_run_file
+from instruct.config import LoggerBackend, LoggerMode
 
 log = logging.getLogger(__name__)
 
@@ -168,12 +169,8 @@ def start_tracking(
     upload later with ``wandb sync``. The API key comes from the environment (or
     ``wandb login``); none is passed or written here.
     """
-    if cfg.backend == "none" or cfg.mode == "disabled":
+    if cfg.backend == LoggerBackend.none or cfg.mode == LoggerMode.disabled:
         return Tracker(run_dir, None)
-    if cfg.backend != "wandb":
-        raise ValueError(f"logger.backend: expected wandb or none, got {cfg.backend!r}")
-    if cfg.mode not in ("online", "offline"):
-        raise ValueError(f"logger.mode: expected online, offline or disabled, got {cfg.mode!r}")
     import wandb
 
     kwargs: dict[str, Any] = {
@@ -188,7 +185,7 @@ def start_tracking(
     }
     if run_id is not None:
         kwargs.update(id=run_id, resume="allow")
-    if cfg.mode == "offline":
+    if cfg.mode == LoggerMode.offline:
         return Tracker(run_dir, wandb.init(mode="offline", **kwargs))
     return Tracker(run_dir, init_online(kwargs, cfg.init_timeout))
 

@@ -53,7 +53,7 @@ from instruct.checkpoint import (
     set_rng_state,
     step_name,
 )
-from instruct.config import TrainOn, check, to_container
+from instruct.config import Precision, TrainOn, check, to_container
 from instruct.data import Example, load_splits, prompt_and_reference, provenance
 from instruct.eval.runner import check_eval, eval_enabled
 from instruct.generate import generate
@@ -83,7 +83,8 @@ from instruct.turns import select
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+# Accelerate's mixed_precision of each trainer.precision.
+PRECISIONS = {Precision.fp32: "no", Precision.bf16: "bf16", Precision.fp16: "fp16"}
 
 
 def to_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:
@@ -836,7 +837,7 @@ def setup(cfg: DictConfig) -> Run:
     set_seed(cfg.seed)
     if t.keep_freed_memory and keep_freed_memory():
         log.info("trainer.keep_freed_memory: freed memory is reused, not returned to the OS")
-    accelerator = new_accelerator(PRECISIONS[t.precision])
+    accelerator = new_accelerator(PRECISIONS[Precision(t.precision)])
 
     with accelerator.local_main_process_first():  # converted-model cache: one writer a node
         model, tokenizer = build_model(cfg.model)
@@ -885,7 +886,7 @@ def setup(cfg: DictConfig) -> Run:
     if fsdp or deepspeed:  # before either casts the weights to the compute dtype (bf16)
         packed = t.packing and main_decides(accelerator, lambda: trust_packing(
             model, train_set, tokenizer.pad_token_id, "cpu", attention))  # fmt: skip
-    if fsdp and t.precision == "bf16":  # sharded as stored: the frozen base in half the memory
+    if fsdp and t.precision == Precision.bf16:  # sharded as stored: frozen base in half the memory
         cast_frozen(model, torch.bfloat16)
     optimizer = build_optimizer(model, cfg.optimizer)
     scheduler = build_scheduler(optimizer, cfg.optimizer, steps)
@@ -899,7 +900,7 @@ def setup(cfg: DictConfig) -> Run:
             accelerator.unwrap_model(model), train_set, tokenizer.pad_token_id,
             accelerator.device, attention,
         )  # fmt: skip
-        if t.precision == "bf16":  # after the fp32 packing check; autocast reads bf16 anyway
+        if t.precision == Precision.bf16:  # after fp32 packing check; autocast reads bf16 anyway
             cast_frozen(accelerator.unwrap_model(model), torch.bfloat16)
     fingerprint = data_fingerprint(train_set, val_set)
     state: dict[str, Any] = {}

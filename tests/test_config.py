@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+import yaml
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from instruct.config import SCHEMAS, compose, option_names
+from instruct.config import SCHEMAS, compose, option_names, to_container
 from instruct.model import BUILDERS
 
 GROUPS = sorted({key.split("/")[0] for key in SCHEMAS})
@@ -90,6 +93,54 @@ def test_overrides_reach_the_config():
 def test_bad_overrides_fail_at_composition(override):
     with pytest.raises(ConfigCompositionException):
         compose([override])
+
+
+# Every key with a fixed set of values (an Enum field), with its values as users write them;
+# the config they compose in, and the overrides it needs.
+FIXED_SETS = [
+    ("template.kind", ["format", "native"], "config", []),
+    ("model.dtype", ["auto", "float32", "bfloat16", "float16"], "config", []),
+    ("lora.dropout_draw", ["auto", "positions", "mask"], "config", []),
+    ("optimizer.name", ["adamw"], "config", []),
+    ("optimizer.scheduler", ["cosine", "linear", "constant"], "config", []),
+    ("trainer.precision", ["fp32", "bf16", "fp16"], "config", []),
+    ("logger.backend", ["wandb", "none"], "config", []),
+    ("logger.mode", ["online", "offline", "disabled"], "config", []),
+    ("data.train_on", ["all_assistant", "last_assistant", "per_message"], "config", []),
+    (
+        "data.format",
+        ["auto", "jsonl", "json", "parquet", "csv", "tsv", "saved", "hub"],
+        "config",
+        ["data=file"],
+    ),
+    ("dtype", ["auto", "float32", "bfloat16", "float16"], "export", ["checkpoint=ck", "out=o"]),
+    ("logger.mode", ["online", "offline", "disabled"], "evaluate", ["checkpoint=ck"]),
+]
+
+
+@pytest.mark.parametrize("key, allowed, config_name, required", FIXED_SETS)
+def test_a_value_outside_a_fixed_set_fails_at_composition_naming_key_and_values(
+    key, allowed, config_name, required
+):
+    with pytest.raises(ConfigCompositionException) as error:
+        compose([*required, f"{key}=fp99"], config_name=config_name)
+    message = f"{error.value}\n{error.value.__cause__}"
+    assert f"Invalid value 'fp99', expected one of [{', '.join(allowed)}]" in message
+    assert f"full_key: {key}\n" in message
+
+
+@pytest.mark.parametrize("key, allowed, config_name, required", FIXED_SETS)
+def test_every_value_of_a_fixed_set_is_written_out_as_the_plain_string_given(
+    key, allowed, config_name, required
+):
+    for value in allowed:
+        cfg = compose([*required, f"{key}={value}"], config_name=config_name)
+        member = OmegaConf.select(cfg, key)
+        assert member == value and f"{member}" == value and json.dumps(member) == f'"{value}"'
+        for written in (to_container(cfg), yaml.safe_load(OmegaConf.to_yaml(cfg, resolve=True))):
+            for part in key.split("."):
+                written = written[part]
+            assert type(written) is str and written == value
 
 
 def test_required_keys_fail_before_any_model_loads():

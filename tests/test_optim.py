@@ -46,8 +46,6 @@ def test_weight_decay_skips_biases():
     [
         ("trainer.batch_size=0", "trainer.batch_size"),
         ("trainer.eval_every=0", "trainer.eval_every"),
-        ("trainer.precision=fp8", "trainer.precision"),
-        ("optimizer.scheduler=exponential", "optimizer.scheduler"),
         ("optimizer.lr=-1", "optimizer.lr"),
         ("data.val_fraction=1.5", "data.val_fraction"),
         ("lora.rank=0", "lora.rank"),

@@ -347,7 +347,7 @@ def test_dropout_is_drawn_as_positions_on_the_cpu_at_low_rates_and_as_a_mask_oth
     positions = {("auto", low, "cpu"), ("positions", low, "cpu"), ("positions", high, "cpu")}
     assert {key for key, dtype in kinds.items() if dtype == torch.int64} == positions
     assert all(dtype == torch.bool for key, dtype in kinds.items() if key not in positions)
-    with pytest.raises(ValueError, match="lora.dropout_draw must be auto, positions, mask"):
+    with pytest.raises(ValueError, match="'sparse' is not a valid DropoutDraw"):
         draw_dropout(shape, 0.1, "cpu", "sparse")
 
 
