@@ -1,0 +1,1 @@
+"""Adapters around the private APIs of our dependencies, one module per library."""
