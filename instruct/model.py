@@ -1,7 +1,9 @@
 """Build the tokenizer and model named by the model config, and apply LoRA.
 
 Builders are registered by name in :data:`BUILDERS`; each returns ``(model, tokenizer)``.
-What makes training faster without changing its numbers is in :mod:`instruct.kernels`.
+:func:`base_model_of` is the one way to the base model, for training and for rebuilding a
+trained one. What makes training faster without changing its numbers is in
+:mod:`instruct.kernels`.
 """
 
 from __future__ import annotations
@@ -245,6 +247,27 @@ def build_model(cfg: Any) -> tuple[Any, Any]:
     return BUILDERS[cfg.builder](cfg)
 
 
+def base_model_of(cfg: Any, tokenizer: Any = None) -> tuple[Any, Any]:
+    """The base model the model config ``cfg`` names, untrained, and its tokenizer.
+
+    Training passes no ``tokenizer`` and gets the builder's. Rebuilding a trained model (a
+    checkpoint's LoRA adapters, the base model an evaluation compares with) passes the
+    checkpoint's tokenizer, which may hold tokens a template added: the embeddings grow to
+    fit it, as they did in training (:func:`fit_tokenizer`), and it is returned.
+    """
+    model, built = build_model(cfg)
+    if tokenizer is None:
+        return model, built
+    fit_embeddings(model, tokenizer)
+    return model, tokenizer
+
+
+def fit_embeddings(model: Any, tokenizer: Any) -> None:
+    """Grow ``model``'s token embeddings (and a tied head) to hold every token of ``tokenizer``."""
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+
+
 def fit_tokenizer(model: Any, tokenizer: Any, template: Any) -> list[int]:
     """Give the tokenizer what the template needs; return the ids of tokens it had to add.
 
@@ -259,8 +282,7 @@ def fit_tokenizer(model: Any, tokenizer: Any, template: Any) -> list[int]:
     if missing:
         tokenizer.add_tokens(missing, special_tokens=True)
         log.warning("added %s to the tokenizer for template %s", missing, template.name)
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))
+    fit_embeddings(model, tokenizer)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     # The checkpoint's tokenizer carries the training template, and generation stops at its

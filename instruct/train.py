@@ -59,7 +59,7 @@ from instruct.generate import generate
 from instruct.kernels.memory import cast_frozen, gc_paused, keep_freed_memory
 from instruct.kernels.packed_attention import trust_packing, use_packed_attention
 from instruct.loss import loss_sum
-from instruct.model import apply_lora, build_model, cache_root, count_parameters, fit_tokenizer
+from instruct.model import apply_lora, base_model_of, cache_root, count_parameters, fit_tokenizer
 from instruct.optim import build_optimizer, build_scheduler
 from instruct.templates import plain_template, render_many, to_messages
 from instruct.tokenize import (
@@ -753,7 +753,7 @@ def setup(cfg: DictConfig) -> Run:
     accelerator = new_accelerator(PRECISIONS[t.precision])
 
     with accelerator.local_main_process_first():  # converted-model cache: one writer a node
-        model, tokenizer = build_model(cfg.model)
+        model, tokenizer = base_model_of(cfg.model)
     new_token_ids = fit_tokenizer(model, tokenizer, cfg.template)
     attention = use_packed_attention(model) if t.packing else None
     train_examples, val_examples = load_splits(cfg.data, cfg.seed)
