@@ -2,20 +2,20 @@
 
 Why no public API serves: peft picks the class of each LoRA layer itself, from the type of
 the module it wraps. The only way to hand it another class is
-``LoraConfig._register_custom_module`` (private, and marked experimental), and that would
-build our layers instead of peft's. So the layers peft built get a subclass of their own
-class in place (``module.__class__ = ...``): the subclass adds no weights and overrides only
-``forward``, so state-dict names, merging, ``disable_adapter`` and ``save_pretrained`` stay
-peft's. The subclass and the choice of layers read the attributes in
-:data:`LORA_LINEAR_NEEDS`; :func:`check` fails, naming what is gone, when a peft release
-drops one (``tests/compat/test_peft.py`` runs it).
+``LoraConfig._register_custom_module``: private, "experimental", meant for layer types peft
+does not support (``nn.Linear`` it does), and it would build our layers instead of peft's.
+So the layers peft built get a subclass of their own class in place (``module.__class__ =
+...``): the subclass adds no weights and overrides only ``forward``, so state-dict names,
+merging, ``disable_adapter`` and ``save_pretrained`` stay peft's. The subclass and the choice
+of layers read the attributes in :data:`LORA_LINEAR_NEEDS`; :func:`check` fails, naming what
+is gone, when a peft release drops one (``tests/compat/test_peft.py`` runs it).
 """
 
 from __future__ import annotations
 
 import torch
 
-# What instruct.kernels.fused_lora reads on peft's LoRA Linear layers (peft 0.15 to 0.21).
+# What instruct.kernels.fused_lora reads on peft's LoRA Linear layers (checked on peft 0.21).
 LORA_LINEAR_NEEDS = (
     "active_adapters",  # the adapter names in use: fused only when exactly one
     "disable_adapters",  # adapters switched off: peft's forward
