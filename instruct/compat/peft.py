@@ -7,8 +7,8 @@ does not support (``nn.Linear`` it does), and it would build our layers instead 
 So the layers peft built get a subclass of their own class in place (``module.__class__ =
 ...``): the subclass adds no weights and overrides only ``forward``, so state-dict names,
 merging, ``disable_adapter`` and ``save_pretrained`` stay peft's. The subclass and the choice
-of layers read the attributes in :data:`LORA_LINEAR_NEEDS`; :func:`check` fails, naming what
-is gone, when a peft release drops one (``tests/compat/test_peft.py`` runs it).
+of layers read the attributes in :data:`REQUIRES`; :func:`check` names any a peft release
+dropped (``tests/compat/test_peft.py`` runs it).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 # What instruct.kernels.fused_lora reads on peft's LoRA Linear layers (checked on peft 0.21).
-LORA_LINEAR_NEEDS = (
+REQUIRES = (
     "active_adapters",  # the adapter names in use: fused only when exactly one
     "disable_adapters",  # adapters switched off: peft's forward
     "merged",  # adapters merged into the base weight: peft's forward
@@ -45,29 +45,28 @@ def become(module: torch.nn.Module, cls: type) -> None:
     module.__class__ = cls
 
 
-def check(needs: tuple[str, ...] = LORA_LINEAR_NEEDS) -> None:
-    """Fail with the names peft no longer has, when it lacks any of ``needs`` (by default
-    everything the swap and the fused layer rely on)."""
+def check(needs: tuple[str, ...] = REQUIRES) -> list[str]:
+    """A message for each of ``needs`` (by default everything the swap and the fused layer
+    rely on) that peft's LoRA Linear layers no longer have; empty when all are there."""
     import peft
     from peft import LoraConfig, get_peft_model
 
+    where, fix = f"peft {peft.__version__}", "instruct.compat.peft needs another way"
     try:
         cls = lora_linear_class()
-    except (ImportError, AttributeError) as e:
-        raise RuntimeError(
-            f"peft {peft.__version__} has no peft.tuners.lora.layer.Linear, which "
-            "instruct.kernels.fused_lora subclasses; run with lora.fused=false"
-        ) from e
+    except (ImportError, AttributeError) as err:
+        return [f"{where}: peft.tuners.lora.layer.Linear is gone ({err}); {fix}"]
     with torch.random.fork_rng(devices=[]):  # peft draws LoRA A's initial weights
         model = get_peft_model(
             torch.nn.Sequential(torch.nn.Linear(4, 4)), LoraConfig(r=2, target_modules=["0"])
         )
     layer = model.base_model.model[0]
-    missing = [name for name in needs if not hasattr(layer, name)]
+    problems = []
     if type(layer) is not cls:
-        missing.insert(0, f"LoRA Linear layers of class {cls.__qualname__}")
-    if missing:
-        raise RuntimeError(
-            f"peft {peft.__version__} lacks what instruct.kernels.fused_lora relies on: "
-            f"{', '.join(missing)}; run with lora.fused=false, or install a peft it knows"
-        )
+        problems.append(f"{where}: LoRA wraps nn.Linear in {type(layer).__qualname__}; {fix}")
+    problems += [
+        f"{where}: peft.tuners.lora.layer.Linear has no {name} any more; {fix}"
+        for name in needs
+        if not hasattr(layer, name)
+    ]
+    return problems
