@@ -564,7 +564,7 @@ def load_checkpoint(path: str | Path) -> tuple[Any, Any, DictConfig]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from instruct.config import SCHEMAS, RunConfig
-    from instruct.model import build_model, resolve_dtype
+    from instruct.model import base_model_of, resolve_dtype
 
     path = Path(path)
     recover(path)
@@ -587,9 +587,7 @@ def load_checkpoint(path: str | Path) -> tuple[Any, Any, DictConfig]:
     if (path / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        base, _ = build_model(cfg.model)
-        if len(tokenizer) > base.get_input_embeddings().num_embeddings:
-            base.resize_token_embeddings(len(tokenizer))
+        base, _ = base_model_of(cfg.model, tokenizer)
         model = PeftModel.from_pretrained(base, path)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(cfg.model.dtype))

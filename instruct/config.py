@@ -230,8 +230,8 @@ class ModelConfig:
 
 
 class DropoutDraw(StrEnum):
-    """How fused LoRA layers draw dropout on the CPU (instruct.model.draw_dropout); the same
-    distribution either way. GPUs always draw a mask."""
+    """How fused LoRA layers draw dropout on the CPU (instruct.kernels.dropout.DropoutDrawer);
+    the same distribution either way. GPUs always draw a mask."""
 
     auto = "auto"  # positions below dropout 0.2 (instruct.model.POSITIONS_BELOW), else mask
     positions = "positions"  # the positions of the dropped elements, zeroed in a copy of the input

@@ -23,10 +23,10 @@ from instruct.config import CONFIG_MODULE, HYDRA_VERSION_BASE, register_schemas,
 from instruct.data import load_splits
 from instruct.eval.runner import (
     LABELS,
-    base_model_of,
     check_eval,
     eval_enabled,
     evaluate_model,
+    untuned_model,
     write_json,
 )
 from instruct.generate import load_for_inference
@@ -84,7 +84,7 @@ def validation_losses(
     losses = {"tuned": val_loss_of(model, features, batch, tokenizer.pad_token_id, device)}
     use_base = cfg.eval.base if eval_enabled(cfg.eval) else True
     if use_base:
-        with base_model_of(model, run_cfg, tokenizer) as base:
+        with untuned_model(model, run_cfg, tokenizer) as base:
             losses["base"] = val_loss_of(base, features, batch, tokenizer.pad_token_id, device)
     return losses
 

@@ -15,7 +15,6 @@ Each of these is switchable and leaves the loss unchanged to float precision.
 from __future__ import annotations
 
 import functools
-import gc
 import hashlib
 import itertools
 import json
@@ -57,16 +56,10 @@ from instruct.config import Precision, TrainOn, check, to_container
 from instruct.data import Example, load_splits, prompt_and_reference, provenance
 from instruct.eval.runner import check_eval, eval_enabled
 from instruct.generate import generate
-from instruct.loss import hidden_or_logits, loss_sum
-from instruct.model import (
-    apply_lora,
-    build_model,
-    cache_root,
-    cast_frozen,
-    count_parameters,
-    fit_tokenizer,
-    use_packed_attention,
-)
+from instruct.kernels.memory import cast_frozen, gc_paused, keep_freed_memory
+from instruct.kernels.packed_attention import trust_packing, use_packed_attention
+from instruct.loss import loss_sum
+from instruct.model import apply_lora, base_model_of, cache_root, count_parameters, fit_tokenizer
 from instruct.optim import build_optimizer, build_scheduler
 from instruct.templates import plain_template, render_many, to_messages
 from instruct.tokenize import (
@@ -74,7 +67,6 @@ from instruct.tokenize import (
     Feature,
     PrepareStats,
     batch,
-    collate,
     encode_flat,
     prepare_cached,
 )
@@ -140,34 +132,6 @@ def all_ranks_sum(accelerator: Any, *values: float) -> list[float]:
         torch.tensor(values, dtype=torch.float64, device=accelerator.device), "sum"
     )
     return summed.tolist()
-
-
-@torch.no_grad()
-def packing_error(
-    model: Any, features: Sequence[Feature], pad_id: int, device: Any, length: int = 24
-) -> float:
-    """Largest difference between a packed row and the same examples padded, in fp32,
-    relative to the largest output (or 1).
-
-    A model whose attention ignored the example boundaries would let the second example see
-    the first; that shows here as a large difference, so packing is never trusted blindly.
-    """
-    short = [Feature(f.input_ids[:length], f.labels[:length]) for f in features[:3]]
-    was_training = model.training
-    model.eval()
-    try:
-        padded, _ = hidden_or_logits(model, to_device(collate(short, pad_id), device))
-        packed, _ = hidden_or_logits(model, to_device(batch(short, pad_id, True), device))
-    finally:
-        model.train(was_training)
-    start, worst, scale = 0, 0.0, 1.0
-    for row, f in enumerate(short):
-        n = len(f.input_ids)
-        expected = padded[row, :n].float()
-        diff = (expected - packed[0, start : start + n].float()).abs().max()
-        worst, start = max(worst, float(diff)), start + n
-        scale = max(scale, float(expected.abs().max()))
-    return worst / scale
 
 
 def step_batches(
@@ -267,24 +231,6 @@ def dropped_examples(
             "or the template writes none of them"
         )
     return names
-
-
-@contextmanager
-def gc_paused() -> Iterator[None]:
-    """No cyclic garbage collection inside the block.
-
-    Building tens of thousands of small objects (messages, rendered texts) triggers full
-    collections, and each walks every object the process holds: about 0.13 s with torch and
-    transformers loaded, 0.15 of the 1.7 s that 20,000 examples take. Nothing built here
-    forms reference cycles, so nothing is left for the collector to find.
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def describe(name: str, stats: PrepareStats) -> str:
@@ -637,31 +583,6 @@ def data_fingerprint(*splits: Sequence[Feature]) -> str:
     return digest.hexdigest()
 
 
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc keep freed memory for reuse; whether it applied.
-
-    By default glibc serves every allocation above 128 KiB with its own ``mmap`` and returns
-    it on free, so each training step's activations (gigabytes) fault in fresh zeroed pages:
-    measured on a SmolLM2 LoRA step on CPU, 200-380 thousand faults and about a tenth of the
-    step. With a high mmap threshold and no trimming, a step reuses the previous step's
-    memory. The peak is the same; the memory is just not handed back between steps. Not glibc
-    (macOS, Windows, musl): nothing to do.
-    """
-    import ctypes
-    import ctypes.util
-    import platform
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # from <malloc.h>
-    applied = any(libc.mallopt(m_mmap_threshold, size) == 1 for size in (1 << 30, 1 << 25))
-    return applied and libc.mallopt(m_trim_threshold, 2**31 - 1) == 1
-
-
 def new_accelerator(mixed_precision: str) -> Any:
     """An Accelerator for this run, even when an earlier run in the process chose another
     precision (Hydra multirun jobs and Optuna trials share one process). Accelerate keeps its
@@ -840,7 +761,7 @@ def setup(cfg: DictConfig) -> Run:
     accelerator = new_accelerator(PRECISIONS[Precision(t.precision)])
 
     with accelerator.local_main_process_first():  # converted-model cache: one writer a node
-        model, tokenizer = build_model(cfg.model)
+        model, tokenizer = base_model_of(cfg.model)
     new_token_ids = fit_tokenizer(model, tokenizer, cfg.template)
     attention = use_packed_attention(model) if t.packing else None
     train_examples, val_examples = load_splits(cfg.data, cfg.seed)
@@ -957,21 +878,6 @@ def local_parameters(model: Any) -> int:
     from torch.distributed.tensor import DTensor
 
     return sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in model.parameters())
-
-
-def trust_packing(model: Any, features: list[Feature], pad_id: int, device: Any, attention) -> bool:
-    """Whether packed rows give this model the same outputs as padded batches."""
-    error = packing_error(model, features, pad_id, device)
-    if error <= 1e-3:
-        log.info("packing on (attention: %s; packed vs padded differ by %.1e)", attention, error)
-        return True
-    log.warning(
-        "trainer.packing: packed rows differ from padded batches by %.3g on this model "
-        "(attention %s), so examples would see each other; training with padding instead",
-        error,
-        attention,
-    )
-    return False
 
 
 @dataclass

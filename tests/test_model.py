@@ -10,6 +10,7 @@ from instruct.config import compose
 from instruct.loss import loss_sum
 from instruct.model import (
     apply_lora,
+    base_model_of,
     build_model,
     build_tiny_tokenizer,
     count_parameters,
@@ -40,6 +41,20 @@ def test_tiny_model_is_deterministic_and_uses_its_tokenizer():
     pairs = zip(a.state_dict().values(), b.state_dict().values(), strict=True)
     assert all(torch.equal(x, y) for x, y in pairs)
     assert tok.is_fast and tok.pad_token == tok.eos_token == "<|endoftext|>"
+
+
+def test_base_model_of_is_the_builders_model_grown_to_a_checkpoint_s_tokenizer():
+    """Training, load_checkpoint and the evaluation's base model all start here: the builder's
+    model and tokenizer, or that model with embeddings for a tokenizer a template grew."""
+    cfg = compose(["model=tiny"]).model
+    (model, tok), (built, _) = base_model_of(cfg), build_model(cfg)
+    pairs = zip(model.state_dict().values(), built.state_dict().values(), strict=True)
+    assert all(torch.equal(x, y) for x, y in pairs)
+    rows = model.get_input_embeddings().weight
+    tok.add_tokens(["<|new|>"], special_tokens=True)
+    grown, same = base_model_of(cfg, tok)
+    assert same is tok and grown.get_input_embeddings().num_embeddings == len(tok) == len(rows) + 1
+    assert torch.equal(grown.get_input_embeddings().weight[: len(rows)], rows)
 
 
 def test_lora_targets_every_linear_layer_and_none_trains_everything():

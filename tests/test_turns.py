@@ -393,7 +393,8 @@ def test_batches_carry_weights_only_when_some_feature_has_them(templates, tokeni
 
 @pytest.fixture(scope="module")
 def tiny():
-    from instruct.model import build_model, fit_tokenizer, use_packed_attention
+    from instruct.kernels.packed_attention import use_packed_attention
+    from instruct.model import build_model, fit_tokenizer
 
     cfg = compose(["model=tiny", "template=chatml", "lora=none"])
     model, tok = build_model(cfg.model)

@@ -1,10 +1,10 @@
 """The private APIs instruct cannot avoid, one adapter module per library.
 
-Each adapter (``accelerate``, ``transformers``, ``deepspeed``, ``torch``, ``hydra``, ``wandb``)
-wraps the private names it uses in small functions, says why no public API serves, and lists
-them in its ``REQUIRES``. ``tests/test_compat.py`` resolves every one, so a release that
-drops or renames one fails there, naming the library, its version and the name, rather than
-in the middle of a run. The versions these were tested with are pinned in
+Each adapter (``accelerate``, ``transformers``, ``deepspeed``, ``torch``, ``hydra``,
+``wandb``, ``peft``) wraps the private names it uses in small functions, says why no public
+API serves, and lists them in its ``REQUIRES``. ``tests/compat/`` resolves every one, so a
+release that drops or renames one fails there, naming the library, its version and the name,
+rather than in the middle of a run. The versions these were tested with are pinned in
 ``constraints.txt``; :func:`installed_versions` records the ones a run used.
 """
 

@@ -10,7 +10,7 @@ No public or supported reader serves, in wandb 0.31:
   names nested keys with ``.`` where this reader, and so every recorded result, uses ``/``.
 
 So the file is parsed here, with W&B's own protobuf schema (``wandb.proto``, which the SDK
-uses to talk to its core). The test in ``tests/test_compat.py`` writes a real offline run and
+uses to talk to its core). ``tests/compat/test_adapters.py`` writes a real offline run and
 reads it back, so a change of format fails there.
 """
 

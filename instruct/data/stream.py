@@ -9,16 +9,15 @@ the next batch is read. ``bench/bench_train.py --workloads prep_1m`` measures it
 
 from __future__ import annotations
 
-import gc
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
 
 from instruct.data.records import Example
+from instruct.kernels.memory import gc_paused
 
 
 @dataclass(eq=False)
@@ -127,7 +126,7 @@ def prepare_stream(
         return render_many(conversations, plain, tokenizer, weights=weights)
 
     out, parts = StreamedFeatures(), []
-    with collector_paused(), ThreadPoolExecutor(1, thread_name_prefix="render") as worker:
+    with gc_paused(), ThreadPoolExecutor(1, thread_name_prefix="render") as worker:
         ahead = worker.submit(render_next)
         while (rendered := ahead.result()) is not None:
             ahead = worker.submit(render_next)
@@ -150,17 +149,3 @@ def add_stats(parts: Sequence[Any]) -> Any:
         numeric = all(isinstance(v, int | float) for v in values)
         merged[f.name] = sum(values) if numeric else values[0]
     return kind(**merged)
-
-
-@contextmanager
-def collector_paused() -> Iterator[None]:
-    """No cyclic garbage collection while batches stream: each batch's short-lived objects
-    would otherwise trigger collections (nothing built here forms cycles; cf.
-    ``instruct.train.gc_paused``)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()

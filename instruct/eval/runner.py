@@ -130,17 +130,15 @@ def generator(
 
 
 @contextmanager
-def base_model_of(model: Any, run_cfg: Any, tokenizer: Any) -> Iterator[Any]:
+def untuned_model(model: Any, run_cfg: Any, tokenizer: Any) -> Iterator[Any]:
     """The model before tuning: LoRA adapters switched off, or the base weights rebuilt."""
     if hasattr(model, "disable_adapter"):
         with model.disable_adapter():
             yield model
         return
-    from instruct.model import build_model
+    from instruct.model import base_model_of
 
-    base, _ = build_model(run_cfg.model)
-    if len(tokenizer) > base.get_input_embeddings().num_embeddings:
-        base.resize_token_embeddings(len(tokenizer))
+    base, _ = base_model_of(run_cfg.model, tokenizer)
     yield base.to(next(model.parameters()).device).eval()
 
 
@@ -246,7 +244,7 @@ def evaluate_model(
     answer = generator(model, tokenizer, template, cfg, merge=True)
 
     def base_answer(conversations: Sequence[Sequence[Message]]) -> list[str]:
-        with base_model_of(model, run_cfg, tokenizer) as base:
+        with untuned_model(model, run_cfg, tokenizer) as base:
             return generator(base, tokenizer, template, cfg)(conversations)
 
     summary: dict[str, Any] = {"name": cfg.name, "suites": list(cfg.suites), "seconds": {}}
@@ -287,7 +285,7 @@ def base_result(
     except (OSError, ValueError, KeyError, TypeError):
         pass
     template = run_cfg.template
-    with base_model_of(model, run_cfg, tokenizer) as base:
+    with untuned_model(model, run_cfg, tokenizer) as base:
         answer = generator(base, tokenizer, template, cfg)
         ctx = EvalContext("base", base, tokenizer, template, answer, out_dir / "base",
                           base_generate=answer, run_cfg=run_cfg)  # fmt: skip

@@ -20,8 +20,8 @@ import torch
 
 from instruct.compat import Private, installed_versions, missing
 
-ADAPTERS = ["accelerate", "transformers", "deepspeed", "torch", "hydra", "wandb"]
-REPO = Path(__file__).resolve().parents[1]
+ADAPTERS = ["accelerate", "transformers", "deepspeed", "torch", "hydra", "wandb", "peft"]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,67 @@
+"""The fused output layer + cross-entropy gives the loss and gradients of the plain head."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from instruct.kernels.fused_ce import linear_cross_entropy
+from instruct.loss import loss_sum
+from instruct.tokenize import pack
+from tests.kernels.tiny import tiny
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("weight_trains", [False, True])
+def test_chunked_linear_cross_entropy_equals_the_plain_one(bias, weight_trains):
+    chunk = 3 * 50  # 3 rows a chunk, uneven end
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(10, 16, generator=g, requires_grad=True)
+    weight = torch.randn(50, 16, generator=g, requires_grad=weight_trains)
+    b = torch.randn(50, generator=g, requires_grad=True) if bias else None
+    targets = torch.randint(0, 50, (10,), generator=g)
+    inputs = [t for t in (hidden, weight, b) if t is not None and t.requires_grad]
+
+    plain = F.cross_entropy(F.linear(hidden, weight, b), targets, reduction="sum")
+    plain_grads = torch.autograd.grad(3 * plain, inputs)
+    chunked = linear_cross_entropy(hidden, weight, b, targets, chunk_elements=chunk)
+    chunked_grads = torch.autograd.grad(3 * chunked, inputs)
+    assert torch.allclose(chunked, plain, rtol=1e-6)
+    for x, y in zip(chunked_grads, plain_grads, strict=True):
+        assert (x - y).abs().max() <= 1e-5 * y.abs().max()
+    with torch.no_grad():
+        again = linear_cross_entropy(hidden, weight, b, targets, chunk_elements=chunk)
+        assert torch.allclose(again, plain)
+
+
+@pytest.mark.parametrize("lora", ["lora=none", "lora=default"])
+def test_fused_loss_gives_the_loss_and_gradients_of_the_plain_head(lora):
+    """Full fine-tuning trains the tied head/embedding through the fused loss too."""
+    _, model, _, features = tiny(lora, "lora.dropout=0")
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    row = pack(features)
+    results = []
+    for fused in (False, True):
+        model.zero_grad()
+        loss, n = loss_sum(model, row, fused)
+        loss.backward()
+        results.append((loss.detach(), n, [p.grad.clone() for p in params]))
+    (plain, n_plain, g_plain), (fused, n_fused, g_fused) = results
+    assert n_plain == n_fused and torch.allclose(fused, plain, rtol=1e-5)
+    for x, y in zip(g_fused, g_plain, strict=True):
+        assert (x - y).abs().max() <= 1e-5 * y.abs().max()
+
+
+def test_fused_loss_under_bf16_autocast_tracks_fp32():
+    _, model, _, features = tiny("lora=none")
+    row = pack(features)
+    with torch.no_grad():
+        fp32, _ = loss_sum(model, row, fused=False)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            plain, _ = loss_sum(model, row, fused=False)
+            fused, _ = loss_sum(model, row, fused=True)
+    assert fused.dtype == torch.float32
+    assert fused == pytest.approx(plain.item(), rel=1e-2)
+    assert fused == pytest.approx(fp32.item(), rel=1e-2)
