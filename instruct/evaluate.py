@@ -16,11 +16,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig
 
-from instruct.config import CONFIG_MODULE, HYDRA_VERSION_BASE, register_schemas, to_container
+from instruct.config import to_container
 from instruct.data import load_splits
+from instruct.entry import hydra_main
 from instruct.eval.runner import (
     LABELS,
     base_model_of,
@@ -130,9 +130,7 @@ def lines(summary: dict[str, Any]) -> list[str]:
     return out
 
 
-@hydra.main(
-    config_path=f"pkg://{CONFIG_MODULE}", config_name="evaluate", version_base=HYDRA_VERSION_BASE
-)
+@hydra_main("evaluate")
 def main(cfg: DictConfig) -> None:
     summary = run_evaluation(cfg)
     print("\n".join(lines(summary)))
@@ -141,5 +139,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    register_schemas()
     main()

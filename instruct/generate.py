@@ -20,11 +20,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import hydra
 import torch
 import torch.nn.functional as F
 
-from instruct.config import CONFIG_MODULE, HYDRA_VERSION_BASE, register_schemas
+from instruct.entry import hydra_main
 from instruct.templates import Message, render_many, stop_tokens, to_messages
 from instruct.tokenize import token_ids
 
@@ -506,13 +505,10 @@ def run(cfg: Any) -> str:
     return generate(model, tokenizer, run_cfg.template, [messages], cfg.sampling)[0]
 
 
-@hydra.main(
-    config_path=f"pkg://{CONFIG_MODULE}", config_name="generate", version_base=HYDRA_VERSION_BASE
-)
+@hydra_main("generate")
 def main(cfg: Any) -> None:
     print(run(cfg))
 
 
 if __name__ == "__main__":
-    register_schemas()
     main()
