@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from instruct.decoding import generate, load_for_inference
 from instruct.entry import hydra_main
-from instruct.generate import generate, load_for_inference
 from instruct.templates import Message
 
 

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from instruct.config import to_container
 from instruct.data import load_splits
+from instruct.decoding import load_for_inference
 from instruct.entry import hydra_main
 from instruct.eval.runner import (
     LABELS,
@@ -29,7 +30,6 @@ from instruct.eval.runner import (
     evaluate_model,
     write_json,
 )
-from instruct.generate import load_for_inference
 from instruct.tracking import start_tracking
 from instruct.train import evaluate as val_loss_of
 from instruct.train import tokenize_split

@@ -55,8 +55,8 @@ from instruct.checkpoint import (
 )
 from instruct.config import TrainOn, check, to_container
 from instruct.data import Example, load_splits, prompt_and_reference, provenance
+from instruct.decoding import generate
 from instruct.eval.runner import check_eval, eval_enabled
-from instruct.generate import generate
 from instruct.loss import hidden_or_logits, loss_sum
 from instruct.model import (
     apply_lora,
@@ -432,8 +432,8 @@ def evaluate_best(
     """The eval suites on the best checkpoint, loaded as ``python -m instruct.evaluate``
     loads it, so both give the same numbers; without a saved checkpoint
     (``trainer.save_best=false``), on the model as training left it."""
+    from instruct.decoding import load_for_inference
     from instruct.eval.runner import evaluate_model
-    from instruct.generate import load_for_inference
 
     start = time.perf_counter()
     if results.get("checkpoint"):

@@ -20,7 +20,7 @@ import pytest
 from instruct.chat import chat_loop
 from instruct.config import compose, option_names
 from instruct.content import ControlTokens, hide
-from instruct.generate import generate, prompt_ids
+from instruct.decoding import generate, prompt_ids
 from instruct.model import build_model, build_tiny_tokenizer, fit_tokenizer
 from instruct.templates import Rendered, chat_template, render, render_many
 from instruct.tokenize import (
