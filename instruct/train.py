@@ -455,7 +455,7 @@ def evaluate_best(
 def write_loss_plot(results: dict[str, Any], path: Path) -> None:
     """``loss.png``: the run's train and validation curves, for a user without W&B. A plot
     that fails costs a warning, never the finished run."""
-    from instruct.report import plot_run
+    from instruct.reporting import plot_run
 
     try:
         plot_run(results, path)
