@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from instruct.config import to_container
 from instruct.data import load_splits
+from instruct.data.features import tokenize_split
 from instruct.decoding import load_for_inference
 from instruct.entry import hydra_main
 from instruct.eval.runner import (
@@ -31,8 +32,7 @@ from instruct.eval.runner import (
     write_json,
 )
 from instruct.tracking import start_tracking
-from instruct.train import evaluate as val_loss_of
-from instruct.train import tokenize_split
+from instruct.validation import evaluate as val_loss_of
 
 log = logging.getLogger(__name__)
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from instruct.config import compose
 from instruct.data import load_splits
+from instruct.data.features import tokenize_split
 from instruct.loss import loss_sum
 from instruct.model import (
     PACKED_ATTENTION,
@@ -22,7 +23,7 @@ from instruct.model import (
     use_packed_attention,
 )
 from instruct.tokenize import IGNORE_INDEX, Feature, collate, pack, prepare_cached
-from instruct.train import packing_error, tokenize_split, train
+from instruct.train import packing_error, train
 from tests.conftest import toy_config
 
 

@@ -539,7 +539,7 @@ def split_config(*overrides: str):
 
 
 def test_a_refusal_names_the_record(tokenizer, family):
-    from instruct.train import tokenize_split
+    from instruct.data.features import tokenize_split
 
     examples = [
         {"messages": [user("Hi"), bot("Hello.")], "where": "chats.jsonl:1"},

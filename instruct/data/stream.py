@@ -156,7 +156,7 @@ def add_stats(parts: Sequence[Any]) -> Any:
 def collector_paused() -> Iterator[None]:
     """No cyclic garbage collection while batches stream: each batch's short-lived objects
     would otherwise trigger collections (nothing built here forms cycles; cf.
-    ``instruct.train.gc_paused``)."""
+    ``instruct.data.features.gc_paused``)."""
     enabled = gc.isenabled()
     gc.disable()
     try:
