@@ -52,7 +52,12 @@ from instruct.checkpoint import (
 )
 from instruct.config import check, to_container
 from instruct.data import Example, load_splits, prompt_and_reference, provenance
-from instruct.data.features import describe, tokenize_by_source
+from instruct.data.features import (  # noqa: F401 - two names kept importable from here
+    DROPPED_NAMED,
+    describe,
+    tokenize_by_source,
+    tokenize_split,
+)
 from instruct.decoding import generate
 from instruct.distributed import (
     all_ranks_sum,
