@@ -1,4 +1,4 @@
-"""ROUGE-L dedup: instruct.data.rouge.dedup against the naive rouge-score pass, same data.
+"""ROUGE-L dedup: instruct.self_instruct.dedup.dedup against the naive rouge-score pass, same data.
 
     python bench/bench_dedup.py                       # naive timed on the first 200 candidates
     python bench/bench_dedup.py --naive-sample 500
@@ -16,7 +16,7 @@ import argparse
 import random
 import time
 
-from instruct.data.rouge import Decision, dedup, naive_dedup
+from instruct.self_instruct.dedup import Decision, dedup, naive_dedup
 
 # Topics are adjective + noun (20 x 30 = 600), so fills of one template rarely coincide.
 TOPIC_ADJ = [
@@ -365,7 +365,7 @@ def main() -> None:
     per_pair = naive_s / pair_count(naive, len(pool))
     naive_full_s = naive_s if args.full else per_pair * pair_count(ours, len(pool))
     rows = [
-        ("ours (instruct.data.rouge)", len(candidates), ours_s, sum(d[0] for d in ours)),
+        ("ours (instruct.self_instruct.dedup)", len(candidates), ours_s, sum(d[0] for d in ours)),
         ("ours, first N only", n_naive, ours_head_s, sum(d[0] for d in ours_head)),
         ("naive (rouge-score)", n_naive, naive_s, sum(d[0] for d in naive)),
     ]

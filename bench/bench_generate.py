@@ -1,4 +1,4 @@
-"""Batched generation: today's path (batches of 8 in file order) vs ``instruct.generate``.
+"""Batched generation: today's path (batches of 8 in file order) vs ``instruct.decoding``.
 
     python bench/bench_generate.py                        # SmolLM2-135M, the 36 test prompts
     python bench/bench_generate.py --model tiny           # the random tiny model
@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from instruct.config import compose  # noqa: E402
-from instruct.generate import generate, generation_kwargs  # noqa: E402
+from instruct.decoding import generate, generation_kwargs  # noqa: E402
 from instruct.model import build_model, fit_tokenizer  # noqa: E402
 from instruct.templates import Message, render_many, stop_tokens, to_messages  # noqa: E402
 
@@ -55,7 +55,7 @@ def generate_baseline(
     sampling: Any,
     batch_size: int = 8,
 ) -> list[str]:
-    """``instruct.generate.generate`` as it was before the pool (kept verbatim)."""
+    """``instruct.decoding.generate`` as it was before the pool (kept verbatim)."""
     stop_ids, stop_strings = stop_tokens(template, tokenizer)
     kwargs = generation_kwargs(sampling)
     if stop_strings:

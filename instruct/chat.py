@@ -12,10 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import hydra
-
-from instruct.config import CONFIG_MODULE, HYDRA_VERSION_BASE, register_schemas
-from instruct.generate import generate, load_for_inference
+from instruct.decoding import generate, load_for_inference
+from instruct.entry import hydra_main
 from instruct.templates import Message
 
 
@@ -52,9 +50,7 @@ def chat_loop(
     return history
 
 
-@hydra.main(
-    config_path=f"pkg://{CONFIG_MODULE}", config_name="chat", version_base=HYDRA_VERSION_BASE
-)
+@hydra_main("chat")
 def main(cfg: Any) -> None:
     model, tokenizer, run_cfg = load_for_inference(cfg.checkpoint)
     print(
@@ -65,5 +61,4 @@ def main(cfg: Any) -> None:
 
 
 if __name__ == "__main__":
-    register_schemas()
     main()

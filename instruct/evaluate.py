@@ -16,11 +16,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig
 
-from instruct.config import CONFIG_MODULE, HYDRA_VERSION_BASE, register_schemas, to_container
+from instruct.config import to_container
 from instruct.data import load_splits
+from instruct.data.features import tokenize_split
+from instruct.decoding import load_for_inference
+from instruct.entry import hydra_main
 from instruct.eval.runner import (
     LABELS,
     check_eval,
@@ -29,10 +31,8 @@ from instruct.eval.runner import (
     untuned_model,
     write_json,
 )
-from instruct.generate import load_for_inference
 from instruct.tracking import start_tracking
-from instruct.train import evaluate as val_loss_of
-from instruct.train import tokenize_split
+from instruct.validation import evaluate as val_loss_of
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +130,7 @@ def lines(summary: dict[str, Any]) -> list[str]:
     return out
 
 
-@hydra.main(
-    config_path=f"pkg://{CONFIG_MODULE}", config_name="evaluate", version_base=HYDRA_VERSION_BASE
-)
+@hydra_main("evaluate")
 def main(cfg: DictConfig) -> None:
     summary = run_evaluation(cfg)
     print("\n".join(lines(summary)))
@@ -141,5 +139,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    register_schemas()
     main()

@@ -12,10 +12,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import hydra
-
 from instruct.checkpoint import CONFIG_FILE, TEMPLATE_FILE, load_checkpoint
-from instruct.config import CONFIG_MODULE, HYDRA_VERSION_BASE, register_schemas
+from instruct.entry import hydra_main
 from instruct.model import resolve_dtype
 
 
@@ -42,14 +40,11 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str | None = None) ->
     return out
 
 
-@hydra.main(
-    config_path=f"pkg://{CONFIG_MODULE}", config_name="export", version_base=HYDRA_VERSION_BASE
-)
+@hydra_main("export")
 def main(cfg: Any) -> None:
     out = export(cfg.checkpoint, cfg.out, cfg.dtype)
     print(f"exported {cfg.checkpoint} to {out}")
 
 
 if __name__ == "__main__":
-    register_schemas()
     main()

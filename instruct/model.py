@@ -64,10 +64,12 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def tokenizer_corpus() -> Iterator[str]:
-    """Text the tiny tokenizer learns its merges from: the shipped manual set."""
-    from instruct.data import manual_path
+    """Text the tiny tokenizer learns its merges from: the shipped manual set, read as a
+    file (``instruct.data.manual_path()``), so building a model runs none of the data code."""
+    from importlib import resources
 
-    with open(manual_path(), encoding="utf-8") as f:
+    manual = Path(str(resources.files("instruct") / "data" / "manual.jsonl"))
+    with open(manual, encoding="utf-8") as f:
         for line in f:
             record = json.loads(line)
             for m in record.get("messages", []):

@@ -6,20 +6,17 @@ import os
 import sys
 import time
 
-import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from instruct.config import CONFIG_MODULE, HYDRA_VERSION_BASE, register_schemas
+from instruct.entry import hydra_main
 from instruct.eval.metric import resolve, sweeper_value
 from instruct.sweep import NEW_SWEEP_FLAG, continue_sweep, override_values, sweep_folder
 from instruct.train import join_launch, train
 
 
-@hydra.main(
-    config_path=f"pkg://{CONFIG_MODULE}", config_name="config", version_base=HYDRA_VERSION_BASE
-)
+@hydra_main("config")
 def main(cfg: DictConfig) -> float:
     """Train one job; return its ``report.metric`` for Hydra sweepers: the eval headline
     score (to maximise) when the job is evaluated, else the best validation loss (to
@@ -100,7 +97,6 @@ def leave_process_group() -> None:
 
 
 if __name__ == "__main__":
-    register_schemas()
     sys.argv = agree_on_run_folder(with_sweep_eval(sys.argv))
     try:
         main()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import itertools
 import json
 import logging
 import math
@@ -27,14 +26,13 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
@@ -52,86 +50,40 @@ from instruct.checkpoint import (
     set_rng_state,
     step_name,
 )
-from instruct.config import Precision, TrainOn, check, to_container
+from instruct.config import Precision, check, to_container
 from instruct.data import Example, load_splits, prompt_and_reference, provenance
+from instruct.data.features import (  # noqa: F401 - two names kept importable from here
+    DROPPED_NAMED,
+    describe,
+    tokenize_by_source,
+    tokenize_split,
+)
+from instruct.decoding import generate
+from instruct.distributed import (
+    all_ranks_sum,
+    distributed_kind,
+    is_deepspeed,
+    is_deepspeed_launch,
+    is_fsdp,
+)
 from instruct.eval.runner import check_eval, eval_enabled
-from instruct.generate import generate
-from instruct.kernels.memory import cast_frozen, gc_paused, keep_freed_memory
+from instruct.kernels.memory import cast_frozen, keep_freed_memory
 from instruct.kernels.packed_attention import trust_packing, use_packed_attention
 from instruct.loss import loss_sum
-from instruct.model import apply_lora, base_model_of, cache_root, count_parameters, fit_tokenizer
+from instruct.model import apply_lora, base_model_of, count_parameters, fit_tokenizer
 from instruct.optim import build_optimizer, build_scheduler
-from instruct.templates import plain_template, render_many, to_messages
+from instruct.templates import to_messages
 from instruct.tokenize import (
-    IGNORE_INDEX,
     Feature,
-    PrepareStats,
     batch,
-    encode_flat,
-    prepare_cached,
 )
 from instruct.tracking import Tracker, start_tracking
-from instruct.turns import select
+from instruct.validation import evaluate, to_device
 
 log = logging.getLogger(__name__)
 
 # Accelerate's mixed_precision of each trainer.precision.
 PRECISIONS = {Precision.fp32: "no", Precision.bf16: "bf16", Precision.fp16: "fp16"}
-
-
-def to_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-@torch.no_grad()
-def evaluate(
-    model: Any,
-    features: Sequence[Feature],
-    batch_size: int,
-    pad_id: int,
-    device: Any,
-    packed: bool = False,
-    autocast: Any = nullcontext,
-    fused: bool = True,
-    accelerator: Any = None,
-) -> float:
-    """Mean loss over every supervised token of ``features`` (token-weighted, not per batch);
-    the weighted mean when features carry loss weights, as in training.
-
-    With several processes (``accelerator``), each takes every world-size-th example and the
-    sums are added up over all of them: every example counts exactly once. Under FSDP each
-    forward needs every process, so all run as many batches as process 0 (which has the most);
-    one with fewer runs its last ones on an example it then leaves out.
-    """
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    ordered = sorted(features, key=lambda f: len(f.input_ids))  # less padding, same sum
-    mine, rounds = ordered, len(ordered)
-    if accelerator is not None and accelerator.num_processes > 1:
-        mine = ordered[accelerator.process_index :: accelerator.num_processes]
-        rounds = len(ordered[:: accelerator.num_processes]) if is_fsdp(accelerator) else len(mine)
-    for i in range(0, rounds, batch_size):
-        part, weight = mine[i : i + batch_size], 1
-        if not part:  # FSDP: a forward for the other processes' sake
-            part, weight = ordered[:1], 0
-        inputs = to_device(batch(part, pad_id, packed), device)
-        with autocast():
-            loss, n = loss_sum(model, inputs, fused)
-        total, count = total + loss.item() * weight, count + n * weight
-    model.train(was_training)
-    total, count = all_ranks_sum(accelerator, total, count)
-    return total / max(count, 1)
-
-
-def all_ranks_sum(accelerator: Any, *values: float) -> list[float]:
-    """``values`` added up over every process (as they are with one)."""
-    if accelerator is None or accelerator.num_processes == 1:
-        return list(values)
-    summed = accelerator.reduce(
-        torch.tensor(values, dtype=torch.float64, device=accelerator.device), "sum"
-    )
-    return summed.tolist()
 
 
 def step_batches(
@@ -145,154 +97,6 @@ def step_batches(
         for i in range(0, len(batches), grad_accum):
             yield epoch, batches[i : i + grad_accum]
         epoch += 1
-
-
-DROPPED_NAMED = 5  # dropped examples named in the log and results.json; all are counted
-
-
-@dataclass
-class SplitStats(PrepareStats):
-    """:class:`PrepareStats` of a split that lost examples, and the first of them by name."""
-
-    dropped_examples: list[str] = field(default_factory=list)  # the first DROPPED_NAMED
-
-
-def tokenize_split(examples, cfg: DictConfig, tokenizer) -> tuple[list[Feature], PrepareStats]:
-    with gc_paused():
-        template = plain_template(cfg.template)
-        names = [example_name(examples, i) for i in range(len(examples))]
-        conversations, weights = select(
-            [to_messages(e, template) for e in examples],
-            cfg.data.get("train_on", TrainOn.all_assistant),
-            bool(cfg.data.get("train_on_prompt", False)),
-            names,
-        )
-        try:
-            rendered = render_many(conversations, template, tokenizer, weights=weights)
-        except ValueError:
-            for i, c in enumerate(conversations):  # the error, with the example that raised it
-                try:
-                    render_many([c], template, tokenizer, weights=weights and [weights[i]])
-                except ValueError as err:
-                    raise ValueError(f"{names[i]}: {err}") from err
-            raise
-        cache = cache_root() / "tokenized" if cfg.trainer.tokenized_cache else None
-        features, stats = prepare_cached(rendered, tokenizer, cfg.trainer.max_length, cache)
-    if not stats.dropped:
-        return features, stats
-    dropped = dropped_examples(
-        examples, conversations, rendered, tokenizer, cfg.trainer.max_length, weights
-    )
-    return features, SplitStats(**vars(stats), dropped_examples=dropped[:DROPPED_NAMED])
-
-
-def example_name(examples: Sequence[Example], i: int) -> str:
-    """Where an example came from (``file.jsonl:12``), or its index in the split."""
-    return str(examples[i].get("where") or f"example {i}")
-
-
-def dropped_examples(
-    examples: Sequence[Example],
-    conversations: Sequence[Sequence[Mapping[str, Any]]],
-    rendered: Sequence[Any],
-    tokenizer: Any,
-    max_length: int,
-    weights: Sequence[Sequence[float] | None] | None = None,
-) -> list[str]:
-    """The examples :func:`prepare` drops, by name: nothing to train within ``max_length``.
-
-    One with a non-empty reply to train (``weights``: each conversation's per-message ones,
-    :func:`instruct.turns.select`) that has no trained token even untruncated is an error,
-    not a drop: its reply merged into the prompt's tokens, or the template wrote none of it.
-    Called only when something was dropped, it encodes the split again to tell which.
-    """
-    ids, labels, lengths, _ = encode_flat(rendered, tokenizer)
-    bounds = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    trained = np.concatenate([[0], np.cumsum(labels != IGNORE_INDEX)])
-    names, untrained = [], []
-    for i, (a, b) in enumerate(itertools.pairwise(bounds.tolist())):
-        cut = min(b, a + max_length)  # position 0 is never predicted, as in prepare()
-        if trained[cut] - trained[min(a + 1, cut)] == 0:
-            names.append(example_name(examples, i))
-            w = weights[i] if weights is not None else None
-            replies = [
-                m.get("content")
-                for k, m in enumerate(conversations[i])
-                if m["role"] == "assistant" and (w is None or w[k] > 0)
-            ]
-            if trained[b] - trained[min(a + 1, b)] == 0 and any(
-                isinstance(r, str) and r.strip() for r in replies
-            ):
-                untrained.append(names[-1])
-    if untrained:
-        raise ValueError(
-            f"examples with a reply but no token to train on ({len(untrained)}): "
-            f"{', '.join(untrained[:DROPPED_NAMED])}; their reply tokens merge with the prompt's "
-            "or the template writes none of them"
-        )
-    return names
-
-
-def describe(name: str, stats: PrepareStats) -> str:
-    text = (
-        f"{name}: {stats.kept} examples, {stats.tokens} tokens, "
-        f"{stats.supervised_tokens} supervised"
-    )
-    if stats.truncated or stats.dropped:
-        text += (
-            f" ({stats.truncated} truncated to trainer.max_length, {stats.dropped} dropped "
-            "with no response tokens left)"
-        )
-    named = getattr(stats, "dropped_examples", None)
-    if named:
-        more = stats.dropped - len(named)
-        text += f"; dropped: {', '.join(named)}" + (f" and {more} more" if more > 0 else "")
-    if stats.boundary_merges:
-        text += (
-            f"; {stats.boundary_merges} tokens cross the start or end of a trained span "
-            "(BPE merged it with the text beside it), left untrained"
-        )
-    if getattr(stats, "quoted_specials", 0):  # encoded as text (instruct.content)
-        text += (
-            f"; {stats.quoted_specials} examples quote special-token strings in their "
-            "messages, encoded as text"
-        )
-    return text
-
-
-def tokenize_by_source(
-    examples: Sequence[Example], cfg: DictConfig, tokenizer: Any
-) -> tuple[list[Feature], PrepareStats, dict[str, PrepareStats]]:
-    """:func:`tokenize_split` once per mixture source (``example["source"]``), so each
-    source's kept, truncated and dropped examples are counted: every source's features (the
-    loop shuffles them), the stats of all, and each source's. Examples without a source (one
-    source, not a mixture) are one call, with no per-source stats."""
-    groups: dict[str | None, list[Example]] = {}
-    for e in examples:
-        groups.setdefault(e.get("source"), []).append(e)
-    if list(groups) in ([], [None]):
-        features, stats = tokenize_split(examples, cfg, tokenizer)
-        return features, stats, {}
-    parts = {str(k): tokenize_split(group, cfg, tokenizer) for k, group in groups.items()}
-    features = [f for kept, _ in parts.values() for f in kept]
-    per_source = {k: stats for k, (_, stats) in parts.items()}
-    return features, merge_stats(list(per_source.values())), per_source
-
-
-def merge_stats(parts: Sequence[PrepareStats]) -> PrepareStats:
-    """Several splits' stats as one: counts added, lists of named examples joined."""
-    kind = next((type(s) for s in parts if isinstance(s, SplitStats)), type(parts[0]))
-    merged: dict[str, Any] = {}
-    for f in fields(kind):
-        values = [getattr(s, f.name) for s in parts if hasattr(s, f.name)]
-        if all(isinstance(v, int | float) for v in values):
-            merged[f.name] = sum(values)
-        elif all(isinstance(v, list) for v in values):
-            joined = [x for v in values for x in v]
-            merged[f.name] = joined[:DROPPED_NAMED] if f.name == "dropped_examples" else joined
-        else:
-            merged[f.name] = values[0]
-    return kind(**merged)
 
 
 def total_steps(cfg: DictConfig, n_train: int, processes: int = 1) -> int:
@@ -382,8 +186,8 @@ def evaluate_best(
     """The eval suites on the best checkpoint, loaded as ``python -m instruct.evaluate``
     loads it, so both give the same numbers; without a saved checkpoint
     (``trainer.save_best=false``), on the model as training left it."""
+    from instruct.decoding import load_for_inference
     from instruct.eval.runner import evaluate_model
-    from instruct.generate import load_for_inference
 
     start = time.perf_counter()
     if results.get("checkpoint"):
@@ -405,7 +209,7 @@ def evaluate_best(
 def write_loss_plot(results: dict[str, Any], path: Path) -> None:
     """``loss.png``: the run's train and validation curves, for a user without W&B. A plot
     that fails costs a warning, never the finished run."""
-    from instruct.report import plot_run
+    from instruct.reporting import plot_run
 
     try:
         plot_run(results, path)
@@ -637,26 +441,6 @@ def join_launch() -> Any:
     if is_deepspeed_launch(os.environ) and not accelerator_available():
         return PartialState(cpu=False, backend="gloo")
     return PartialState(cpu=cpu_only_launch())
-
-
-def distributed_kind(accelerator: Any) -> str:
-    """``NO``, ``MULTI_GPU``, ``MULTI_CPU``, ``FSDP``, ``DEEPSPEED``, ... (the enum's name)."""
-    return str(accelerator.distributed_type).rsplit(".", 1)[-1]
-
-
-def is_fsdp(accelerator: Any) -> bool:
-    """Whether ``accelerator`` shards the model with FSDP (every forward then needs every
-    process, and saves gather the shards)."""
-    return distributed_kind(accelerator) == "FSDP"
-
-
-def is_deepspeed_launch(environ: Mapping[str, str]) -> bool:
-    return environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-
-
-def is_deepspeed(accelerator: Any) -> bool:
-    """Whether ``accelerator`` runs the model in a DeepSpeed engine."""
-    return distributed_kind(accelerator) == "DEEPSPEED"
 
 
 def hand_over_to_deepspeed(accelerator: Any, t: Any, max_grad_norm: float | None) -> int:

@@ -327,7 +327,7 @@ def test_where_and_source_change_nothing_rendered_or_tokenised(tmp_path, two_fil
 
 def test_counts_per_source_in_the_split_stats(tmp_path, two_files, tokenizer):
     """Kept, truncated and dropped examples are counted per source (into results.json)."""
-    from instruct.train import tokenize_by_source
+    from instruct.data.features import tokenize_by_source
 
     a, b = two_files
     long = write(tmp_path / "long.jsonl", encode("jsonl", [

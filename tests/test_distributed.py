@@ -181,7 +181,8 @@ def assert_best_loads_in_one_process(run_dir: Path, best_val_loss: float) -> Non
     """The best checkpoint, loaded by one process, gives the validation loss it was saved at."""
     from instruct.checkpoint import load_checkpoint
     from instruct.data import load_splits
-    from instruct.train import evaluate, tokenize_split
+    from instruct.data.features import tokenize_split
+    from instruct.validation import evaluate
 
     model, tokenizer, cfg = load_checkpoint(run_dir / "checkpoints" / "best")
     _, val_examples = load_splits(cfg.data, cfg.seed)

@@ -13,15 +13,15 @@ from transformers import AutoTokenizer
 
 from instruct.checkpoint import load_checkpoint
 from instruct.config import compose
-from instruct.generate import (
+from instruct.decoding import (
     chooser,
     decode_pool,
     generate,
     pad_of,
-    prompt_messages,
     reply_text,
     stop_check,
 )
+from instruct.generate import prompt_messages
 from instruct.model import build_model, fit_tokenizer
 from instruct.templates import render, render_many, stop_tokens, to_messages
 from instruct.tokenize import IGNORE_INDEX, encode
@@ -301,7 +301,7 @@ def test_a_repetition_penalty_applies_to_each_row(chatty):
 def test_processes_in_lock_step_get_the_same_replies_from_model_generate(chatty, monkeypatch):
     """Under several processes the replies come from ``model.generate`` (which keeps sharded
     processes stepping together), on the same length-sorted batches, in the caller's order."""
-    import instruct.generate as module
+    import instruct.decoding as module
 
     model, tokenizer, template = chatty
     conversations = instructions(template)[:12]
@@ -319,7 +319,7 @@ def test_processes_in_lock_step_get_the_same_replies_from_model_generate(chatty,
 
 
 def test_the_cache_grows_into_spare_columns_without_changing_a_reply(chatty, monkeypatch):
-    import instruct.generate as module
+    import instruct.decoding as module
 
     model, tokenizer, template = chatty
     conversations = instructions(template)[:12]
@@ -333,7 +333,7 @@ def test_a_merged_adapter_computes_the_same_and_leaves_every_weight_as_it_was(lo
     logits equal the unmerged adapter's; on leaving, every parameter is bit for bit what it
     was (peft's unmerge alone leaves rounding), so the base model's pass after it (adapters
     switched off) and later replies are those of the saved checkpoint."""
-    from instruct.generate import merged_adapter
+    from instruct.decoding import merged_adapter
 
     run_dir, results = lora_toy
     model, tokenizer, cfg = load_checkpoint(results["checkpoint"])

@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 from instruct.config import EvalConfig, compose
 from instruct.eval.judge import JudgeSuite
 from instruct.eval.suite import EvalContext
-from instruct.self_instruct import GenerationError, ensure_dataset
+from instruct.self_instruct.generate import GenerationError, ensure_dataset
 
 pytestmark = pytest.mark.slow
 

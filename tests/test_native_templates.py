@@ -485,7 +485,7 @@ def split_config(*overrides: str):
 
 
 def test_examples_dropped_after_truncation_are_named_and_counted(tokenizer):
-    from instruct.train import DROPPED_NAMED, describe, tokenize_split
+    from instruct.data.features import DROPPED_NAMED, describe, tokenize_split
 
     long = "Tell me a long story about a lighthouse keeper and the ships she guides."
     examples = [
@@ -512,7 +512,7 @@ def test_a_reply_with_no_trained_token_is_an_error_naming_the_example(tokenizer)
     """A prompt that ends "Th" and a reply "e": BPE makes one token of "The", which starts
     before the reply and so is not trained; with no end-of-turn text, nothing of the reply
     is trained. That is an error naming the example, not a silent drop."""
-    from instruct.train import tokenize_split
+    from instruct.data.features import tokenize_split
 
     examples = [
         {"instruction": "Hi", "output": "Hello.", "where": "a.jsonl:1"},
@@ -524,7 +524,7 @@ def test_a_reply_with_no_trained_token_is_an_error_naming_the_example(tokenizer)
 
 
 def test_a_refused_conversation_names_its_example(tokenizer):
-    from instruct.train import tokenize_split
+    from instruct.data.features import tokenize_split
 
     examples = [
         {"messages": [user("Hi"), bot("Hello.")], "where": "chats.parquet:7"},

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from matplotlib.image import imread
 
-from instruct.report import find_jobs, plot_run, rank, report, rows, swept_params
+from instruct.reporting import find_jobs, plot_run, rank, report, rows, swept_params
 from tests.conftest import run_module
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

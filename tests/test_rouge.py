@@ -9,7 +9,7 @@ import pytest
 from rouge_score import rouge_scorer
 from rouge_score.tokenize import tokenize as rs_tokenize
 
-from instruct.data.rouge import (
+from instruct.self_instruct.dedup import (
     RougeIndex,
     dedup,
     fmeasure,

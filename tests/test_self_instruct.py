@@ -15,7 +15,9 @@ import pytest
 
 from instruct.config import compose
 from instruct.data import load_records, manual_path
-from instruct.self_instruct import GenerationError, ensure_dataset, seed_path, tasks_schema
+from instruct.self_instruct.dataset import seed_path
+from instruct.self_instruct.generate import GenerationError, ensure_dataset
+from instruct.self_instruct.parse import tasks_schema
 from instruct.tracking import read_offline_run
 from instruct.train import train
 from tests.conftest import files_holding

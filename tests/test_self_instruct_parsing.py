@@ -8,7 +8,9 @@ import pytest
 
 from instruct.config import compose
 from instruct.data import DataError
-from instruct.self_instruct import blacklist_pattern, cheap_filter, parse_tasks, read_accepted
+from instruct.self_instruct.dataset import read_accepted
+from instruct.self_instruct.filters import blacklist_pattern, cheap_filter
+from instruct.self_instruct.parse import parse_tasks
 
 GOOD = {
     "instruction": "Explain why leaves change colour in autumn.",
@@ -111,7 +113,7 @@ def test_a_torn_last_line_is_dropped_and_the_file_repaired(tmp_path, caplog):
     "override", ["data.concurrency=0", "data.similarity_threshold=1.5", "data.num_instructions=0"]
 )
 def test_bad_settings_name_their_key(override):
-    from instruct.self_instruct import check_settings
+    from instruct.self_instruct.generate import check_settings
 
     key = override.split("=")[0]
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):

@@ -6,7 +6,8 @@ import pytest
 
 from instruct.checkpoint import load_checkpoint
 from instruct.config import compose
-from instruct.generate import generate, prompt_messages
+from instruct.decoding import generate
+from instruct.generate import prompt_messages
 from instruct.model import build_model
 from instruct.train import train
 

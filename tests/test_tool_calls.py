@@ -539,7 +539,7 @@ def split_config(*overrides: str):
 
 
 def test_a_refusal_names_the_record(tokenizer, family):
-    from instruct.train import tokenize_split
+    from instruct.data.features import tokenize_split
 
     examples = [
         {"messages": [user("Hi"), bot("Hello.")], "where": "chats.jsonl:1"},
@@ -599,7 +599,7 @@ def test_a_field_the_template_ignores_is_refused(family, template, messages, too
 
 def test_template_kwargs_reach_training_and_generation(family):
     from instruct.config import compose
-    from instruct.generate import prompt_ids
+    from instruct.decoding import prompt_ids
 
     tok = family("qwen3")
     cfg = compose(["template=native", "+template.kwargs.enable_thinking=false"])
@@ -621,7 +621,7 @@ def test_template_kwargs_reach_training_and_generation(family):
 
 
 def test_a_generation_prompt_carries_the_tools(family):
-    from instruct.generate import prompt_ids
+    from instruct.decoding import prompt_ids
 
     tok = family("qwen2_5")
     history = [*WEATHER[:3]]

@@ -12,8 +12,10 @@ from instruct.checkpoint import load_checkpoint
 from instruct.compat import installed_versions
 from instruct.config import compose
 from instruct.data import load_splits
+from instruct.data.features import tokenize_split
 from instruct.tracking import read_offline_run
-from instruct.train import evaluate, tokenize_split, train
+from instruct.train import train
+from instruct.validation import evaluate
 from tests.conftest import toy_config
 
 RESULT_KEYS = {

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from instruct.config import TrainOn, compose
 from instruct.data import DataError
+from instruct.data.features import describe, tokenize_split
 from instruct.data.sources import file_source
 from instruct.templates import Rendered, render, render_many, to_messages
 from instruct.tokenize import (
@@ -33,7 +34,6 @@ from instruct.tokenize import (
     prepare,
     save_features,
 )
-from instruct.train import describe, tokenize_split
 from instruct.turns import select, turn_weights
 from tests.test_tokenize import variant
 

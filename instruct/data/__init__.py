@@ -9,12 +9,18 @@ are checked in :mod:`instruct.data.records` and mixed in :mod:`instruct.data.sou
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from instruct.data.readers import Location, detect_format, read_batches, read_records
+from instruct.data.readers import (
+    Location,
+    detect_format,
+    load_records,
+    read_batches,
+    read_records,
+)
 from instruct.data.records import (
     FIELD_ALIASES,
     ROLE_ALIASES,
@@ -61,11 +67,6 @@ TASK_TYPES = (
 )  # fmt: skip
 
 
-def load_records(paths: Iterable[str | Path], columns: Mapping[str, str] | None = None):
-    """Every record of ``paths`` normalised (any format :func:`read_records` reads)."""
-    return [normalise(rec, where, columns) for p in paths for where, rec in read_records(p)]
-
-
 def manual_path() -> Path:
     return Path(str(resources.files("instruct.data").joinpath("manual.jsonl")))
 
@@ -88,13 +89,13 @@ def load_hub(cfg: Any) -> tuple[list[Example], list[Example] | None]:
 
 
 def load_self_instruct(cfg: Any) -> tuple[list[Example], list[Example] | None]:
-    from instruct.self_instruct import load_self_instruct as load  # imports the API client
+    from instruct.self_instruct.generate import load_self_instruct as load  # the API client
 
     return load(cfg)
 
 
 def self_instruct_provenance(cfg: Any) -> dict[str, Any] | None:
-    from instruct.self_instruct import provenance
+    from instruct.self_instruct.dataset import provenance
 
     return provenance(cfg)
 

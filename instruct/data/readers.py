@@ -21,12 +21,12 @@ import csv
 import io
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from instruct.data.records import DataError
+from instruct.data.records import DataError, normalise
 
 Row = tuple[str, Any]  # (where, raw record)
 BATCH_ROWS = 8192  # rows a reader yields at once: 10-20 MB of Alpaca-sized records
@@ -106,6 +106,11 @@ def read_records(path: str | Path, fmt: str = "auto") -> Iterator[Row]:
     """``(where, record)`` for every record of a data file (or folder, or Hub id)."""
     for batch in read_batches(Location(str(path), fmt)):
         yield from batch
+
+
+def load_records(paths: Iterable[str | Path], columns: Mapping[str, str] | None = None):
+    """Every record of ``paths`` normalised (any format :func:`read_records` reads)."""
+    return [normalise(rec, where, columns) for p in paths for where, rec in read_records(p)]
 
 
 def open_binary(path: str) -> io.BufferedIOBase:

@@ -113,7 +113,7 @@ def generator(
     """Replies through the shared batched generation path, greedy. ``merge``: with LoRA
     merged into the weights while generating (the tuned model; never the base model, whose
     adapters are switched off around this)."""
-    from instruct.generate import generate, merged_adapter
+    from instruct.decoding import generate, merged_adapter
 
     def answer(conversations: Sequence[Sequence[Message]]) -> list[str]:
         with merged_adapter(model) if merge else contextlib.nullcontext(model) as m:
