@@ -439,25 +439,12 @@ def _render_native(
     check_tool_fields(
         messages, text, apply, add_generation_prompt, bool(template_kwargs.get("tools"))
     )
-    source = tokenizer.get_chat_template(None, template_kwargs.get("tools"))
-    replies = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    if _GENERATION_BLOCK.search(source):
-        spans = _generation_spans(messages, tokenizer, add_generation_prompt, template_kwargs)
-        if weights is not None and len(spans) != len(replies):
-            raise ValueError(
-                f"the chat_template's {{% generation %}} blocks mark {len(spans)} runs of "
-                f"tokens for {len(replies)} replies, so which reply each run belongs to "
-                "(data.train_on, per-message train and weight) cannot be told"
-            )
-    else:
-        spans = [
-            _reply_span(messages, i, text, apply, add_generation_prompt, tokenizer)
-            if weights is None or weights[i] > 0
-            else (0, 0)
-            for i in replies
-        ]
+    spans = _native_spans(
+        messages, text, apply, tokenizer, add_generation_prompt, weights, template_kwargs
+    )
     if weights is None:
         return Rendered(text, _merge([(s, e) for s, e in spans if s < e]))
+    replies = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     weighted = [(span, weights[i]) for span, i in zip(spans, replies, strict=True)]
     for i, m in enumerate(messages):
         if m["role"] != "assistant" and weights[i] > 0:
@@ -468,6 +455,36 @@ def _render_native(
     weighted = [((s, e), w) for (s, e), w in weighted if s < e and w > 0]
     merged, merged_weights = _merge_weighted([x for x, _ in weighted], [w for _, w in weighted])
     return Rendered(text, merged, weights=merged_weights)
+
+
+def _native_spans(
+    messages: Sequence[Mapping[str, Any]],
+    text: str,
+    apply: Callable[..., str],
+    tokenizer: Any,
+    add_generation_prompt: bool,
+    weights: Sequence[float] | None,
+    template_kwargs: Mapping[str, Any],
+) -> list[tuple[int, int]]:
+    """Each reply's span in ``text``: from the template's ``{% generation %}`` blocks when it
+    has them, else by :func:`_reply_span` (``(0, 0)`` for a reply of weight 0)."""
+    source = tokenizer.get_chat_template(None, template_kwargs.get("tools"))
+    replies = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if not _GENERATION_BLOCK.search(source):
+        return [
+            _reply_span(messages, i, text, apply, add_generation_prompt, tokenizer)
+            if weights is None or weights[i] > 0
+            else (0, 0)
+            for i in replies
+        ]
+    spans = _generation_spans(messages, tokenizer, add_generation_prompt, template_kwargs)
+    if weights is not None and len(spans) != len(replies):
+        raise ValueError(
+            f"the chat_template's {{% generation %}} blocks mark {len(spans)} runs of "
+            f"tokens for {len(replies)} replies, so which reply each run belongs to "
+            "(data.train_on, per-message train and weight) cannot be told"
+        )
+    return spans
 
 
 def check_tool_fields(

@@ -165,6 +165,7 @@ def test_examples_all_too_long_are_counted_then_an_error(toy_data, tmp_path, cap
 # ---------------------------------------------------------------- config
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("group", ["template", "model", "data"])
 def test_an_unknown_option_lists_the_valid_ones(tmp_path, group):
     proc = run_module("instruct.run", f"{group}=nope", cwd=tmp_path)
@@ -175,6 +176,7 @@ def test_an_unknown_option_lists_the_valid_ones(tmp_path, group):
     assert not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.slow
 def test_out_of_range_values_fail_before_the_model_loads(tmp_path):
     run_dir = tmp_path / "run"
     proc = run_module(
@@ -231,6 +233,7 @@ def test_a_folder_that_is_no_model_is_named(tmp_path):
         build_model(cfg)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("exists", [False, True])
 def test_a_folder_that_is_not_a_checkpoint_is_named(tmp_path, exists):
     folder = tmp_path / "not-a-checkpoint"

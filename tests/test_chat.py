@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
+
 from instruct.chat import chat_loop
 from instruct.checkpoint import load_checkpoint
 from instruct.config import compose
 from tests.conftest import run_module
 
 
+@pytest.mark.slow
 def test_chat_keeps_history_and_resets(tuned_toy):
     run_dir, _ = tuned_toy
     model, tokenizer, cfg = load_checkpoint(run_dir / "checkpoints" / "best")
@@ -32,6 +35,7 @@ def test_chat_keeps_history_and_resets(tuned_toy):
     assert history[1]["content"] == "Greet Eve."
 
 
+@pytest.mark.slow
 def test_chat_cli_reads_turns_until_end_of_input(tuned_toy, tmp_path):
     run_dir, _ = tuned_toy
     proc = run_module(

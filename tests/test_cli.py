@@ -54,6 +54,7 @@ def test_single_run_lands_in_the_hydra_run_folder(tmp_path):
     assert "trainable" in proc.stdout
 
 
+@pytest.mark.slow
 def test_bad_override_fails_before_any_model_loads(tmp_path):
     proc = run_cli(["lora.rnak=8"], cwd=tmp_path)
     assert proc.returncode != 0

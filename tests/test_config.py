@@ -35,6 +35,7 @@ def test_every_group_ships_options():
 PRIMARY = {"sampling": ("generate", ["checkpoint=ck"])}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override", all_options())
 def test_every_option_composes_into_the_schema(override):
     config_name, required = PRIMARY.get(override.split("=")[0], ("config", []))
@@ -60,11 +61,13 @@ def test_entry_point_configs_compose(name, required):
         compose([*required, "no_such_key=1"], config_name=name)
 
 
+@pytest.mark.slow
 def test_every_model_option_names_a_builder():
     for name in option_names("model"):
         assert compose([f"model={name}"]).model.builder in BUILDERS
 
 
+@pytest.mark.slow
 def test_every_template_option_builds_and_renders(templates, tokenizer):
     from instruct.templates import render
 
@@ -129,6 +132,7 @@ def test_a_value_outside_a_fixed_set_fails_at_composition_naming_key_and_values(
     assert f"full_key: {key}\n" in message
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key, allowed, config_name, required", FIXED_SETS)
 def test_every_value_of_a_fixed_set_is_written_out_as_the_plain_string_given(
     key, allowed, config_name, required

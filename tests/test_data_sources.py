@@ -302,6 +302,7 @@ def test_appending_a_source_leaves_the_others_split_alone(tmp_path, two_files):
     ]
 
 
+@pytest.mark.slow
 def test_mixture_config_errors_name_the_source(tmp_path, two_files):
     a, b = two_files
     with pytest.raises(DataError, match=r"data\.sources\[1\]: label .* is already"):

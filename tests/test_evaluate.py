@@ -40,6 +40,7 @@ def evaluated_run(toy_data, tmp_path_factory):
     return run_dir, train(cfg)
 
 
+@pytest.mark.slow
 def test_a_run_ends_with_its_eval_on_the_best_checkpoint(evaluated_run):
     run_dir, results = evaluated_run
     saved = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
@@ -69,6 +70,7 @@ def test_a_run_ends_with_its_eval_on_the_best_checkpoint(evaluated_run):
     assert table["eval/ifeval/nrows"] == 5
 
 
+@pytest.mark.slow
 def test_evaluate_gets_the_same_numbers_and_reads_the_base_from_its_cache(evaluated_run, caplog):
     run_dir, results = evaluated_run
     with caplog.at_level("INFO", logger="instruct.eval.runner"):
@@ -90,6 +92,7 @@ def test_evaluate_gets_the_same_numbers_and_reads_the_base_from_its_cache(evalua
     assert json.loads((out / "evaluation.json").read_text())["eval"]["headline"]
 
 
+@pytest.mark.slow
 def test_a_second_evaluation_never_overwrites_the_first(evaluated_run):
     run_dir, _ = evaluated_run
     best = run_dir / "checkpoints" / "best"
@@ -137,6 +140,7 @@ def test_an_unknown_suite_fails_before_training(toy_data, tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_bad_eval_numbers_name_their_key(lora_toy):
     run_dir, _ = lora_toy
     with pytest.raises(ValueError, match=r"eval.confidence must be in \(0, 1\), got 1.5"):

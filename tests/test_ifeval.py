@@ -779,6 +779,7 @@ def as_lm_eval(followed: ifeval.Followed) -> dict[str, Any]:
     }
 
 
+@pytest.mark.slow
 def test_parity_with_lm_eval(reference, tools):
     corpus = parity_corpus(750)
     theirs = [reference.process_results(doc, [reply]) for doc, reply in corpus]

@@ -170,6 +170,7 @@ def test_a_second_identical_run_makes_no_request(tmp_path, server):
     assert server.chat_count == sent + 2 * N
 
 
+@pytest.mark.slow
 def test_a_server_failing_halfway_keeps_what_was_judged(tmp_path, server):
     server.respond(prefers_tuned)
     server.fail_after(3)

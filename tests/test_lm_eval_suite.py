@@ -66,6 +66,7 @@ def test_registered():
     assert SUITES["lm_eval"] is LmEvalSuite
 
 
+@pytest.mark.slow
 def test_scores_are_lm_eval_own_per_document_values(chat_run):
     result, *_ = chat_run
     assert len(result.ids) == 2 * QUESTIONS == len(set(result.ids)) == len(result.rows)
@@ -108,6 +109,7 @@ def test_caller_state_is_left_alone(chat_run, tiny):
     assert cwd_after == elsewhere  # the data were read from the YAML's folder, cwd restored
 
 
+@pytest.mark.slow
 def test_plain_prompts_without_chat_template(tiny, tmp_path):
     result = suite(tasks=["tiny_mc"], limit=3, apply_chat_template=False).run(
         context(tiny, tmp_path)
@@ -290,6 +292,7 @@ def test_groups_and_tags_expand_to_local_tasks(tmp_path):
     assert len(tasks["tiny_mc"].eval_docs) == QUESTIONS
 
 
+@pytest.mark.slow
 def test_group_scores_pool_documents_as_lm_eval_weighs_them(tiny, tmp_path):
     """MMLU-style groups: size-weighted (every document once) and unweighted (every task once)."""
     folder = tmp_path / "tasks"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from peft import PeftModel
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -57,6 +58,7 @@ def test_base_model_of_is_the_builders_model_grown_to_a_checkpoint_s_tokenizer()
     assert torch.equal(grown.get_input_embeddings().weight[: len(rows)], rows)
 
 
+@pytest.mark.slow
 def test_lora_targets_every_linear_layer_and_none_trains_everything():
     model, _ = build_model(compose(["model=tiny"]).model)
     lora = apply_lora(model, compose(["lora.rank=4"]).lora, [])
@@ -73,6 +75,7 @@ def test_lora_targets_every_linear_layer_and_none_trains_everything():
     assert count_parameters(full)[0] == count_parameters(full)[1]
 
 
+@pytest.mark.slow
 def test_tokens_a_template_adds_are_trained_and_saved_with_the_adapter(tmp_path):
     """A base tokenizer without <|im_start|>/<|im_end|>: ChatML must add and train them."""
     cfg = compose(["template=chatml", "lora.rank=4"])

@@ -169,6 +169,7 @@ def test_waiters_get_slots_in_order_and_never_exceed_the_limit():
     assert asyncio.run(run()) == 2
 
 
+@pytest.mark.slow
 def test_a_one_slot_server_is_not_stormed(tmp_path):
     """Four requests at once on a server that generates one at a time (0.8 s each) with a
     1.4 s timeout: the queued ones time out. The client halves its concurrency and retries
@@ -197,6 +198,7 @@ def test_a_one_slot_server_is_not_stormed(tmp_path):
     assert client_meta["concurrency"]["lowest"] <= 2 and client_meta["gave_up"] == 0
 
 
+@pytest.mark.slow
 def test_retry_after_pauses_every_request_and_halves_concurrency(tmp_path):
     with FakeOpenAI() as server:
         server.script(Reply.rate_limited(retry_after=1))
@@ -212,6 +214,7 @@ def test_retry_after_pauses_every_request_and_halves_concurrency(tmp_path):
     assert counts["requests"] == 4 == counts["ok"] + counts["failed"]
 
 
+@pytest.mark.slow
 def test_a_failing_server_raises_request_failed_then_stops_after_a_run(tmp_path):
     with FakeOpenAI() as server:
         server.script(GOOD)

@@ -24,6 +24,7 @@ def lrs(schedule: str, steps: int = 10, warmup: int = 2) -> list[float]:
     return out
 
 
+@pytest.mark.slow
 def test_warmup_then_schedule():
     cosine, linear, constant = lrs("cosine"), lrs("linear"), lrs("constant")
     for values in (cosine, linear, constant):

@@ -122,6 +122,7 @@ def test_rows_match_results_sorted_winner_first(sweep):
     assert failed["best_val_loss"] is None and failed["checkpoint"] is None
 
 
+@pytest.mark.slow
 def test_report_md_marks_the_winner_and_lists_every_job(sweep):
     root, results = sweep
     written = report(root)
@@ -140,6 +141,7 @@ def test_report_md_marks_the_winner_and_lists_every_job(sweep):
     assert "3 of 6 jobs finished" in text
 
 
+@pytest.mark.slow
 def test_csv_parses_back_to_the_same_values(sweep):
     root, results = sweep
     report(root)
@@ -161,6 +163,7 @@ def test_csv_parses_back_to_the_same_values(sweep):
     assert parsed[3]["best_val_loss"] == "" and parsed[3]["rank"] == ""
 
 
+@pytest.mark.slow
 def test_swept_parameters_and_their_plots(sweep):
     root, _ = sweep
     swept = swept_params(find_jobs(root))
@@ -192,6 +195,7 @@ def test_single_run_folder_gets_loss_png(tmp_path):
     assert len(table) == 1 and table[0]["best_val_loss"] == 2.0
 
 
+@pytest.mark.slow
 def test_single_unfinished_run_plots_from_metrics(tmp_path):
     write_metrics(tmp_path, 9)
     report(tmp_path)
@@ -219,6 +223,7 @@ def test_folders_without_jobs_are_named_in_the_error(tmp_path):
         report(missing)
 
 
+@pytest.mark.slow
 def test_cli_writes_the_report(sweep, tmp_path):
     root, _ = sweep
     done = run_module("instruct.report", str(root), cwd=tmp_path)

@@ -182,6 +182,7 @@ def short_run(data: Path, run_dir: Path, *extra: str) -> dict:
                             "trainer.max_steps=8", "trainer.eval_every=2", *extra))  # fmt: skip
 
 
+@pytest.mark.slow
 def test_resume_refuses_changes_that_matter_and_allows_training_longer(toy_data, tmp_path):
     run_dir = tmp_path / "run"
     first = short_run(toy_data, run_dir)
@@ -201,6 +202,7 @@ def test_resume_refuses_changes_that_matter_and_allows_training_longer(toy_data,
     assert again == json.loads((run_dir / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_a_fresh_run_never_overwrites_an_existing_run_folder(toy_data, tmp_path):
     run_dir = tmp_path / "run"
     short_run(toy_data, run_dir)
@@ -210,6 +212,7 @@ def test_a_fresh_run_never_overwrites_an_existing_run_folder(toy_data, tmp_path)
     assert {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").rglob("*")} == before
 
 
+@pytest.mark.slow
 def test_checkpoints_rotate_and_an_incomplete_one_is_skipped(toy_data, tmp_path, caplog):
     run_dir = tmp_path / "run"
     short_run(toy_data, run_dir, "trainer.keep_checkpoints=3")
@@ -224,6 +227,7 @@ def test_checkpoints_rotate_and_an_incomplete_one_is_skipped(toy_data, tmp_path,
     assert [s for s, _ in resumed["train_loss_history"]] == list(range(1, 9))
 
 
+@pytest.mark.slow
 def test_a_save_that_fails_midway_leaves_the_previous_checkpoints(toy_data, tmp_path, monkeypatch):
     """The writer raises half-way through a save (weights written, config not): the run fails,
     and the previous best and latest checkpoints still load; the run resumes from them."""
@@ -292,6 +296,7 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoints(toy_data, tmp_pat
     assert not (folder / f".{step_name(4)}.tmp").exists()  # cleaned up by the next save
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_the_step_and_keeps_the_best(toy_data, tmp_path, monkeypatch):
     import instruct.train as train_module
 
@@ -314,6 +319,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_best(toy_data, tmp_path, mon
     assert model is not None
 
 
+@pytest.mark.slow
 def test_resume_path_must_be_a_complete_checkpoint(toy_data, tmp_path):
     with pytest.raises(FileNotFoundError, match="not a folder"):
         short_run(toy_data, tmp_path / "a", f"trainer.resume={tmp_path / 'nowhere'}")
@@ -325,6 +331,7 @@ def test_resume_path_must_be_a_complete_checkpoint(toy_data, tmp_path):
         load_checkpoint(best_only / "checkpoints" / step_name(8))
 
 
+@pytest.mark.slow
 def test_optimizer_state_is_plain_tensors_read_with_weights_only(toy_data, tmp_path):
     run_dir = tmp_path / "run"
     short_run(toy_data, run_dir)

@@ -122,6 +122,7 @@ def test_min_lcs_table_is_the_first_lcs_reaching_the_threshold(threshold):
             assert table[m] == (reaching[0] if reaching else np.iinfo(np.int32).max)
 
 
+@pytest.mark.slow
 def test_dedup_makes_the_naive_decisions():
     rng = random.Random(1)
     pool = [sentence(rng) for _ in range(200)]

@@ -118,6 +118,7 @@ def keyword_is(call: ast.Call, key: str, value: object) -> bool:
     )
 
 
+@pytest.mark.slow
 def test_every_load_in_the_package_refuses_pickles():
     sources = sorted(PACKAGE.rglob("*.py"))
     assert len(sources) > 10
@@ -142,6 +143,7 @@ def test_every_load_in_the_package_refuses_pickles():
     assert bad == []
 
 
+@pytest.mark.slow
 def test_trust_remote_code_is_false_unless_set():
     for name in option_names("model"):
         assert compose([f"model={name}"]).model.trust_remote_code is False, name
@@ -157,6 +159,7 @@ def update_json(path: Path, **values: object) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text("utf-8")), **values}), "utf-8")
 
 
+@pytest.mark.slow
 def test_code_shipped_beside_a_known_model_is_ignored(tmp_path):
     """A real model whose config and tokenizer also point at shipped code: the library's own
     classes load it, the shipped code is never imported."""

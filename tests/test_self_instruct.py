@@ -74,6 +74,7 @@ def secret_key(monkeypatch):
     monkeypatch.setenv("INSTRUCT_TEST_KEY", SECRET)
 
 
+@pytest.mark.slow
 def test_every_filter_and_failure_is_counted(tmp_path, secret_key):
     tasks = Tasks()
     seeds = [
@@ -157,6 +158,7 @@ def test_every_filter_and_failure_is_counted(tmp_path, secret_key):
     assert files_holding(tmp_path, SECRET) == []
 
 
+@pytest.mark.slow
 def test_a_bad_key_stops_at_once_and_is_redacted_where_echoed(tmp_path, secret_key):
     with FakeOpenAI() as server:
         # Servers echo (part of) a wrong key in the message; it must reach no file.
@@ -173,6 +175,7 @@ def test_a_bad_key_stops_at_once_and_is_redacted_where_echoed(tmp_path, secret_k
     assert files_holding(tmp_path, SECRET) == []
 
 
+@pytest.mark.slow
 def test_a_server_refusing_json_schema_gets_json_object_with_the_schema(tmp_path, secret_key):
     tasks = Tasks(seed=4)
     with FakeOpenAI() as server:
@@ -193,6 +196,7 @@ def test_a_server_refusing_json_schema_gets_json_object_with_the_schema(tmp_path
     ]
 
 
+@pytest.mark.slow
 def test_a_model_that_never_follows_the_format_stops_with_a_diagnosis(tmp_path, secret_key):
     with FakeOpenAI() as server:
         server.default(Reply("Here are some great tasks: write, read, think."))
@@ -210,6 +214,7 @@ def test_a_model_that_never_follows_the_format_stops_with_a_diagnosis(tmp_path, 
     assert len(rejected) >= 40 and "great tasks" in json.loads(rejected[0])["raw"]
 
 
+@pytest.mark.slow
 def test_parsed_but_never_accepted_stops_with_the_rejection_reasons(tmp_path, secret_key):
     drawing = {"instruction": "Draw a map of the town.", "input": "", "output": "A map."}
     with FakeOpenAI() as server:

@@ -55,6 +55,7 @@ def test_unusable_replies_are_counted_never_raised():
     assert tasks == [] and problems == {"bad_format": 3}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "instruction, output, reason",
     [

@@ -32,6 +32,7 @@ def test_pack_lays_examples_end_to_end():
     assert row["max_length_q"] == 3
 
 
+@pytest.mark.slow
 def test_tokenised_cache_hits_on_the_same_work_and_misses_on_any_change(tmp_path, monkeypatch):
     import instruct.tokenize as tok_module
     from instruct.templates import render_many, to_messages
@@ -57,6 +58,7 @@ def test_tokenised_cache_hits_on_the_same_work_and_misses_on_any_change(tmp_path
     assert len(calls) == 3 and len(list(tmp_path.glob("*.npz"))) == 4
 
 
+@pytest.mark.slow
 def test_a_corrupt_cache_entry_is_rebuilt(tmp_path, caplog):
     cfg = compose(["model=tiny"])
     _, tokenizer = build_model(cfg.model)
@@ -73,6 +75,7 @@ def test_a_corrupt_cache_entry_is_rebuilt(tmp_path, caplog):
     assert again == features and "unreadable tokenised cache" in caplog.text
 
 
+@pytest.mark.slow
 def test_fused_adamw_takes_the_same_steps_as_foreach(toy_data, tmp_path):
     common = ("logger=none", "trainer.max_steps=4", "trainer.save_best=false")
     fused = train(toy_config(toy_data, tmp_path / "a", "optimizer.fused=true", *common))
@@ -83,6 +86,7 @@ def test_fused_adamw_takes_the_same_steps_as_foreach(toy_data, tmp_path):
         assert x == pytest.approx(y, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_loss_sum_with_full_logits_on_a_packed_row_matches():
     """The full-forward fallback (used under DDP) reads packed rows the same way."""
     _, model, tokenizer, features = tiny("lora=none")
@@ -96,6 +100,7 @@ def test_loss_sum_with_full_logits_on_a_packed_row_matches():
     assert torch.allclose(fast, full, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_wrapped_model_computes_logits_only_at_supervised_positions():
     """A wrapper (as DDP is) whose forward must run: logits_to_keep gives the same loss."""
     _, model, tokenizer, features = tiny("lora=none")

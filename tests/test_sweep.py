@@ -267,6 +267,7 @@ def test_an_optuna_search_of_three_trials(tmp_path):
     assert "warning" not in done.stderr.lower()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", option_names("experiment"))
 def test_every_experiment_composes_and_sweeps(name):
     """Each preset is a ``# @package _global_`` file whose hydra.sweeper.params sweep keys
@@ -281,6 +282,7 @@ def test_every_experiment_composes_and_sweeps(name):
             compose([f"+experiment={name}", f"{override.get_key_element()}={value}"])
 
 
+@pytest.mark.slow
 def test_sweepers_are_told_which_way_the_metric_goes():
     """Optuna maximises an eval score and minimises a validation loss (what main returns)."""
     for overrides, direction in (
@@ -439,6 +441,7 @@ def test_override_values_are_typed_as_the_config_holds_them():
     }
 
 
+@pytest.mark.slow
 def test_a_finished_folder_of_another_config_is_refused_not_skipped(toy_data, tmp_path):
     """A sweep folder reused with other values must not hand back the old job's results."""
     from instruct.train import train

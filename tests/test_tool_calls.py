@@ -538,6 +538,7 @@ def split_config(*overrides: str):
     return compose(["model=tiny", "trainer.tokenized_cache=false", *overrides])
 
 
+@pytest.mark.slow
 def test_a_refusal_names_the_record(tokenizer, family):
     from instruct.data.features import tokenize_split
 
@@ -597,6 +598,7 @@ def test_a_field_the_template_ignores_is_refused(family, template, messages, too
 # template.kwargs
 
 
+@pytest.mark.slow
 def test_template_kwargs_reach_training_and_generation(family):
     from instruct.config import compose
     from instruct.decoding import prompt_ids
@@ -642,6 +644,7 @@ def test_template_kwargs_are_refused_by_format_templates(tokenizer):
         render([user("q"), bot("a")], cfg.template, tokenizer)
 
 
+@pytest.mark.slow
 def test_a_checkpoints_chat_template_carries_the_kwargs(family):
     """The tokenizer saved with a checkpoint renders as training did without being passed
     ``template.kwargs`` (a server or lm-eval calls ``apply_chat_template`` plainly)."""

@@ -38,6 +38,7 @@ def full_run(toy_data, tmp_path_factory):
     return cfg, train(cfg), run_dir
 
 
+@pytest.mark.slow
 def test_loss_is_finite_and_decreases(full_run):
     _, results, _ = full_run
     train_losses = [v for _, v in results["train_loss_history"]]
@@ -91,11 +92,13 @@ def assert_reloads_to_best(run_dir: Path, results: dict) -> None:
     assert loss == pytest.approx(results["best_val_loss"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_best_checkpoint_reloads_to_the_same_val_loss(full_run):
     _, results, run_dir = full_run
     assert_reloads_to_best(run_dir, results)
 
 
+@pytest.mark.slow
 def test_lora_run_keeps_an_adapter_that_reloads(toy_data, tmp_path):
     cfg = toy_config(
         toy_data,
@@ -114,6 +117,7 @@ def test_lora_run_keeps_an_adapter_that_reloads(toy_data, tmp_path):
     assert_reloads_to_best(tmp_path, results)
 
 
+@pytest.mark.slow
 def test_same_seed_same_losses(toy_data, tmp_path, full_run):
     cfg, results, _ = full_run
     again = train(toy_config(toy_data, tmp_path, "logger=none"))
@@ -121,6 +125,7 @@ def test_same_seed_same_losses(toy_data, tmp_path, full_run):
     assert again["val_loss_history"] == results["val_loss_history"]
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_one_big_batch(toy_data, tmp_path):
     """The loss is the mean over supervised tokens of the whole step, not a mean of means."""
     common = ("logger=none", "trainer.max_steps=3", "trainer.save_best=false")
@@ -148,6 +153,7 @@ def test_each_evaluation_logs_generated_samples(full_run):
     assert len(tables) == 4 and tables[0]["samples/nrows"] == 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", ["lora=none", "lora=default"])
 def test_output_layer_only_at_supervised_positions_gives_the_full_forward_loss(lora):
     """The fast path (decoder, then the head on supervised rows) equals the full forward."""

@@ -425,6 +425,7 @@ def grads(model) -> list[torch.Tensor]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("fused", [True, False])
 def test_the_loss_and_its_gradient_are_the_weighted_mean(templates, tiny, packed, fused):

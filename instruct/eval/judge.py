@@ -385,20 +385,32 @@ class JudgeSuite(Suite):
             log.info("judge: all %d judgements from the cache %s", len(pairs), cache.folder)
             return verdicts, cached
         self._estimate(prompts, list(todo.values()), len(pairs))
+        meta = {
+            "suite": "judge",
+            "label": ctx.label,
+            "judgements": len(pairs),
+            "cached": cached,
+            "to_request": len(todo),
+            "cache_dir": str(cache.folder),
+        }
+        self._request(ctx, prompts, list(todo.values()), cache, verdicts, meta)
+        return verdicts, cached
+
+    def _request(
+        self,
+        ctx: EvalContext,
+        prompts: list[Prompt],
+        todo: list[Pair],
+        cache: VerdictCache,
+        verdicts: dict[str, dict[str, str]],
+        meta: dict[str, Any],
+    ) -> None:
+        """Ask the judge for ``todo``'s verdicts, concurrently; each lands in ``verdicts`` and
+        in ``cache`` as it arrives. Raises :class:`JudgeError`, keeping what was made, when
+        the server fails or some judgements failed after retries."""
         settings = ClientSettings.from_config(self.judge)
         client = ChatClient(
-            settings,
-            ctx.out_dir / "judge",
-            VERDICT_SCHEMA,
-            "verdict",
-            extra_meta=lambda: {
-                "suite": "judge",
-                "label": ctx.label,
-                "judgements": len(pairs),
-                "cached": cached,
-                "to_request": len(todo),
-                "cache_dir": str(cache.folder),
-            },
+            settings, ctx.out_dir / "judge", VERDICT_SCHEMA, "verdict", extra_meta=lambda: meta
         )
         failures: list[str] = []
 
@@ -422,19 +434,19 @@ class JudgeSuite(Suite):
 
         async def run_all() -> None:
             try:
-                await gather_or_cancel(one(p) for p in todo.values())
+                await gather_or_cancel(one(p) for p in todo)
             finally:
                 await client.aclose()
 
         where = f"the judge at {settings.url} (model {settings.model})"
+        made_before = len(verdicts)
         try:
             with client.session():
                 asyncio.run(run_all())
         except ClientError as error:
-            made = len(verdicts) - cached
             raise JudgeError(
-                f"{where} failed: {error}. {made} verdicts made before are kept in "
-                f"{cache.folder}; a rerun asks only for the rest"
+                f"{where} failed: {error}. {len(verdicts) - made_before} verdicts made before "
+                f"are kept in {cache.folder}; a rerun asks only for the rest"
             ) from error
         if failures:
             raise JudgeError(
@@ -442,7 +454,6 @@ class JudgeSuite(Suite):
                 f"(last: {failures[-1]}); the {len(todo) - len(failures)} made are kept in "
                 f"{cache.folder}; a rerun asks only for the rest"
             )
-        return verdicts, cached
 
     def _estimate(self, prompts: list[Prompt], todo: list[Pair], total: int) -> None:
         """Log what the requests will cost before any is sent."""

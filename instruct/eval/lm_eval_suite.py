@@ -522,18 +522,10 @@ class LmEvalSuite(Suite):
             "include_path": folder_hash(c.include_path),
         }
 
-    def run(self, ctx: EvalContext) -> SuiteResult:
+    def _evaluate(self, ctx: EvalContext, objects: list[Any], manager: Any) -> tuple[Any, Any, Any]:
+        """lm-eval's ``simple_evaluate`` output on ``ctx.model`` with the run's chat template,
+        the model wrapper (its fallbacks counted) and the special-token marks it used."""
         c = self.cfg.lm_eval
-        if not c.tasks:
-            raise ValueError("eval.lm_eval.tasks is empty: name the lm-eval tasks to run")
-        if not c.include_path:
-            raise ValueError(f"eval.lm_eval.include_path is not set. {HOW_TO_BE_LOCAL}")
-        include = str(Path(c.include_path).expanduser().resolve())
-        # lm-eval's own task folder is not indexed: its tasks download their data from the
-        # Hub, and indexing its ~15,000 YAMLs takes tens of seconds.
-        manager = TaskManager(include_path=include, include_defaults=False)
-        objects, tasks = load_tasks(manager, list(c.tasks))
-
         # A copy, so the caller's tokenizer (shared with other suites) keeps its template and
         # lm-eval's padding and pad-token changes stay here.
         tokenizer = copy.deepcopy(ctx.tokenizer)
@@ -570,6 +562,21 @@ class LmEvalSuite(Suite):
             )
         finally:
             ctx.model.train(training)  # HFLM switches the model to eval mode
+        return out, lm, marks
+
+    def run(self, ctx: EvalContext) -> SuiteResult:
+        c = self.cfg.lm_eval
+        if not c.tasks:
+            raise ValueError("eval.lm_eval.tasks is empty: name the lm-eval tasks to run")
+        if not c.include_path:
+            raise ValueError(f"eval.lm_eval.include_path is not set. {HOW_TO_BE_LOCAL}")
+        include = str(Path(c.include_path).expanduser().resolve())
+        # lm-eval's own task folder is not indexed: its tasks download their data from the
+        # Hub, and indexing its ~15,000 YAMLs takes tens of seconds.
+        manager = TaskManager(include_path=include, include_defaults=False)
+        objects, tasks = load_tasks(manager, list(c.tasks))
+
+        out, lm, marks = self._evaluate(ctx, objects, manager)
         groups = [g for o in objects if isinstance(o, Group) for g in [o, *o.get_all_groups()]]
         ids, scores, rows, info = to_result(out, tasks, groups, marks)
         first = objects[0].name if isinstance(objects[0], Group) else objects[0].task_name

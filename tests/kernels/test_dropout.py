@@ -81,6 +81,7 @@ def test_dropout_is_drawn_as_positions_on_the_cpu_at_low_rates_and_as_a_mask_oth
         DropoutDrawer("sparse")
 
 
+@pytest.mark.slow
 def test_a_run_with_dropout_positions_trains_as_one_with_the_same_masks(
     toy_data, tmp_path, monkeypatch
 ):

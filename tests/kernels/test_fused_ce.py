@@ -35,6 +35,7 @@ def test_chunked_linear_cross_entropy_equals_the_plain_one(bias, weight_trains):
         assert torch.allclose(again, plain)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", ["lora=none", "lora=default"])
 def test_fused_loss_gives_the_loss_and_gradients_of_the_plain_head(lora):
     """Full fine-tuning trains the tied head/embedding through the fused loss too."""

@@ -13,6 +13,7 @@ from tests.conftest import toy_config
 from tests.kernels.tiny import tiny
 
 
+@pytest.mark.slow
 def test_fused_lora_layers_train_the_run_peft_layers_train(toy_data, tmp_path):
     common = ("logger=none", "trainer.max_steps=5", "trainer.save_best=false",
               "lora=default", "lora.dropout=0")  # fmt: skip

@@ -25,6 +25,7 @@ def test_bf16_keeps_a_frozen_base_in_bf16_and_the_rest_in_fp32():
     assert all(d == torch.float32 for n, d in dtypes.items() if "embed" in n or "norm" in n)
 
 
+@pytest.mark.slow
 def test_bf16_run_tracks_the_fp32_run(toy_data, tmp_path):
     common = ("logger=none", "trainer.max_steps=6", "trainer.save_best=false",
               "lora=default", "lora.dropout=0")  # fmt: skip
@@ -82,6 +83,7 @@ print(json.dumps(report))
 """
 
 
+@pytest.mark.slow
 def test_kept_freed_memory_is_reused_and_changes_no_number(toy_data, tmp_path):
     """glibc hands a freed 24 MiB block back to the OS, so allocating it again faults in every
     page; once kept, the second allocation reuses it. A run gives the same numbers either way.

@@ -14,6 +14,7 @@ from tests.conftest import toy_config
 from tests.kernels.tiny import tiny
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", ["lora=none", "lora=default"])
 def test_packed_row_gives_the_padded_loss_and_gradients(lora):
     _, model, tokenizer, features = tiny(lora, "lora.dropout=0")
@@ -35,6 +36,7 @@ def test_packed_row_gives_the_padded_loss_and_gradients(lora):
         assert (g_packed - g_padded).abs().max() <= 1e-5 * g_padded.abs().max()
 
 
+@pytest.mark.slow
 def test_packing_check_catches_attention_across_examples():
     """Without the example boundaries the second example sees the first: the check says so."""
     _, model, tokenizer, features = tiny()
@@ -49,6 +51,7 @@ def test_packing_check_catches_attention_across_examples():
     assert error > 1e-2
 
 
+@pytest.mark.slow
 def test_transformers_block_mask_also_packs_an_eager_model():
     """Models left on another attention get a block mask derived from the position ids."""
     cfg, model, tokenizer, features = tiny(packed=False)
@@ -60,6 +63,7 @@ def test_transformers_block_mask_also_packs_an_eager_model():
     assert torch.allclose(loss_packed, loss_padded, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_packed_and_padded_training_give_the_same_run(toy_data, tmp_path):
     common = ("logger=none", "trainer.max_steps=6", "trainer.save_best=false")
     padded = train(toy_config(toy_data, tmp_path / "a", "trainer.packing=false", *common))
