@@ -42,7 +42,7 @@ from instruct.model import build_model, fit_tokenizer  # noqa: E402
 from instruct.templates import Message, render_many, stop_tokens, to_messages  # noqa: E402
 
 # 36 varied prompts (explanations, code, maths, writing; with and without an input).
-DEFAULT_PROMPTS = REPO / "tests" / "data" / "varied_prompts.jsonl"
+DEFAULT_PROMPTS = REPO / "tests" / "fixtures" / "varied_prompts.jsonl"
 MODELS = {"smollm2": "smollm2-135m", "smollm2-135m": "smollm2-135m", "tiny": "tiny"}
 
 

@@ -1,7 +1,7 @@
 """Bad input gives a clear error naming the file, record or key, or a counted skip; never a
 traceback into library internals, and never a silently smaller data set.
 
-Malformed JSON lines, non-UTF-8 bytes and a missing file are in test_data.py; composition
+Malformed JSON lines, non-UTF-8 bytes and a missing file are in tests/data/test_data.py; composition
 errors (wrong type, unknown key) in test_config.py and test_cli.py.
 """
 
@@ -136,7 +136,7 @@ def test_a_domain_missing_from_the_validation_file_names_that_file(tmp_path):
     ],
 )
 def test_a_missing_or_wrongly_typed_field_names_the_field_and_the_record(tmp_path, record, message):
-    """In a .json list the record is named by its index (JSONL lines: test_data.py)."""
+    """In a .json list the record is named by its index (JSONL lines: tests/data/test_data.py)."""
     path = tmp_path / "data.json"
     path.write_text(json.dumps([{"instruction": "ok", "output": "fine"}, record]), "utf-8")
     with pytest.raises(DataError, match=r"data\.json\[1\]: " + message):

@@ -123,7 +123,7 @@ def test_generate_cli_prints_the_reply(tuned_toy, tmp_path):
 
 # -- the pooled generation path ------------------------------------------------------------
 
-TEST_INSTRUCTIONS = Path(__file__).parent / "data" / "varied_prompts.jsonl"
+TEST_INSTRUCTIONS = Path(__file__).parent / "fixtures" / "varied_prompts.jsonl"
 GREEDY = SimpleNamespace(max_new_tokens=40, do_sample=False, repetition_penalty=1.0, seed=0)
 
 

@@ -3,7 +3,7 @@
 Records are IFEval's JSONL (``key``, ``prompt``, ``instruction_id_list``, ``kwargs``), so
 google/IFEval's ``input_data.jsonl`` loads unchanged. Each of the 25 official instruction ids
 is a small checker in :data:`CHECKERS`. Their semantics, quirks included, are those of
-lm-evaluation-harness's ``lm_eval/tasks/ifeval`` (the reference); ``tests/test_ifeval.py``
+lm-evaluation-harness's ``lm_eval/tasks/ifeval`` (the reference); ``tests/eval/test_ifeval.py``
 shows that the per-instruction booleans equal the reference's on a corpus of responses. The
 four figures are IFEval's: prompt- and instruction-level accuracy, strict and loose.
 

@@ -1,6 +1,6 @@
 """The lm_eval suite: lm-evaluation-harness tasks over local files, scored per document.
 
-The tasks live in tests/data/lm_eval_task: ten questions in a JSONL file, asked as a
+The tasks live in tests/fixtures/lm_eval_task: ten questions in a JSONL file, asked as a
 multiple-choice task (``tiny_mc``) and as a generation task (``tiny_gen``). Two of the
 questions quote special-token strings, which must reach the model as text.
 """
@@ -28,7 +28,7 @@ from instruct.eval.suite import SUITES, EvalContext  # noqa: E402
 from instruct.model import build_tiny  # noqa: E402
 from instruct.templates import chat_template, render  # noqa: E402
 
-TASKS = Path(__file__).parent / "data" / "lm_eval_task"
+TASKS = Path(__file__).resolve().parents[1] / "fixtures" / "lm_eval_task"
 QUESTIONS = 10
 
 

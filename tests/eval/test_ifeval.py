@@ -30,7 +30,7 @@ from instruct.eval.ifeval import (
 )
 from instruct.eval.suite import SUITES, EvalContext
 
-DATA = Path(__file__).parent / "data" / "ifeval"
+DATA = Path(__file__).resolve().parents[1] / "fixtures" / "ifeval"
 LM_EVAL_INSTALL = "pip install lm-eval==0.4.13 langdetect immutabledict nltk"
 
 # The 24 kwarg names google/IFEval's records carry, each null where the instruction does

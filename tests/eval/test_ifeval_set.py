@@ -18,7 +18,7 @@ from types import ModuleType
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "make_ifeval_set.py"
 SHIPPED = ROOT / "instruct" / "data" / "ifeval.jsonl"
 FIELDS = ["key", "prompt", "instruction_id_list", "kwargs"]  # IFEval's order
