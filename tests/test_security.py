@@ -15,7 +15,7 @@ from instruct.config import compose, option_names
 from instruct.model import build_model
 from tests.conftest import files_holding, run_module
 from tests.fake_openai import FakeOpenAI
-from tests.test_self_instruct import Tasks
+from tests.self_instruct.test_self_instruct import Tasks
 
 # Distinctive made-up keys: found anywhere on disk, they leaked.
 OPENAI_KEY = "sk-planted-openai-key-5d1e9b7c3a"
