@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from instruct.templates import Message, render_many, stop_tokens
-from instruct.tokenize import token_ids
+from instruct.tokenize import padded, token_ids
 
 SPARE_COLUMNS = 64  # the cache is copied every 64 steps rather than every step
 
@@ -250,7 +250,7 @@ def generate_sorted(
     new: list[list[int]] = [[] for _ in prompts]
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        ids, mask = left_padded([prompts[i] for i in chunk], pad_id)
+        ids, mask = padded([prompts[i] for i in chunk], pad_id, left=True)
         out = model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
@@ -261,17 +261,6 @@ def generate_sorted(
         for i, row in zip(chunk, out[:, ids.shape[1] :].tolist(), strict=True):
             new[i] = row
     return new
-
-
-def left_padded(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(input_ids, attention_mask)``: every prompt ends in the last column."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-        mask[row, width - len(p) :] = 1
-    return ids, mask
 
 
 @dataclass
@@ -338,7 +327,7 @@ def prefill(
 ) -> tuple[Pool, torch.Tensor]:
     """The prompts' KV cache, left-padded as ``model.generate`` pads them, and the float32
     logits of each one's first reply token."""
-    ids, mask = left_padded(prompts, pad_id)
+    ids, mask = padded(prompts, pad_id, left=True)
     position = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # model.generate's rule
     ids, mask, position = ids.to(device), mask.to(device), position.to(device)
     out = model(

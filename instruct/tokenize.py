@@ -569,23 +569,33 @@ def load_features(path: Path) -> tuple[list[Feature], PrepareStats]:
     return features, stats
 
 
+def padded(
+    rows: Sequence[Sequence[int] | np.ndarray], pad_id: int, left: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, attention_mask)``: ``rows`` as one long tensor as wide as the longest, padded
+    with ``pad_id`` on the right (training batches), or on the left so that every row ends in
+    the last column (prompts to generate from). The mask is 1 on each row's own ids."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, span] = torch.as_tensor(row, dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask
+
+
 def collate(features: Sequence[Feature], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest sequence in the batch (never to max_length).
 
     Padding is marked by position, not by comparing ids, so when pad == eos the trained EOS
     label of a shorter sequence survives.
     """
-    width = max(len(f.input_ids) for f in features)
-    input_ids = torch.full((len(features), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(features), width), dtype=torch.long)
-    for row, f in enumerate(features):
-        n = len(f.input_ids)
-        input_ids[row, :n] = torch.from_numpy(f.input_ids)
-        labels[row, :n] = torch.from_numpy(f.labels)
-        attention_mask[row, :n] = 1
+    input_ids, attention_mask = padded([f.input_ids for f in features], pad_token_id)
+    labels, _ = padded([f.labels for f in features], IGNORE_INDEX)
     out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
     if any(f.weights is not None for f in features):  # else no key: the loss is unweighted
+        width = input_ids.shape[1]
         weights = torch.ones((len(features), width), dtype=torch.float32)
         for row, f in enumerate(features):
             if f.weights is not None:

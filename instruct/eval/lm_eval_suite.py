@@ -47,6 +47,7 @@ except ImportError as err:  # an optional dependency: only runs that ask for the
 from instruct.content import ControlTokens, TextEncoder
 from instruct.eval.suite import EvalContext, Score, Suite, SuiteResult, register_suite
 from instruct.templates import chat_template, end_of_turn
+from instruct.tokenize import padded
 
 log = logging.getLogger(__name__)
 
@@ -204,14 +205,7 @@ class TemplateHFLM(HFLM):
             plain = [self.marks.unmark(s) for s in strings]
             return super().tok_batch_encode(plain, padding_side, left_truncate_len, truncation)
         rows = [self.tok_encode(s, left_truncate_len=left_truncate_len) for s in strings]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            span = slice(width - len(row), width) if padding_side == "left" else slice(len(row))
-            ids[i, span] = torch.tensor(row, dtype=torch.long)
-            mask[i, span] = 1
-        return ids, mask
+        return padded(rows, self.tokenizer.pad_token_id, left=padding_side == "left")
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
         """lm-eval stops at EOS and the task's ``until``; a reply in our template ends at its
