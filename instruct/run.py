@@ -13,8 +13,9 @@ from omegaconf import DictConfig
 
 from instruct.config import CONFIG_MODULE, HYDRA_VERSION_BASE, register_schemas
 from instruct.eval.metric import resolve, sweeper_value
+from instruct.parallel.launch import join_launch
 from instruct.sweep import NEW_SWEEP_FLAG, continue_sweep, override_values, sweep_folder
-from instruct.train import join_launch, train
+from instruct.train import train
 
 
 @hydra.main(
