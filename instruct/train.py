@@ -663,7 +663,7 @@ def setup(cfg: DictConfig) -> Run:
     state: dict[str, Any] = {}
     if point is not None:
         unwrapped = accelerator.unwrap_model(model)
-        state = load_state(point, unwrapped, optimizer, scheduler, accelerator.scaler)
+        state = load_state(point, unwrapped, optimizer, scheduler, accelerator.scaler, strategy)
         if state["data_fingerprint"] != fingerprint:
             raise ValueError(
                 f"trainer.resume: the tokenised data differ from those {point} was trained on "
@@ -776,7 +776,7 @@ class Run:
         # Every process: a sharded backend holds a share of the weights and optimizer state.
         model = self.accelerator.unwrap_model(self.model)
         save_state(path, model, self.optimizer, self.scheduler, self.accelerator.scaler,
-                   self.cfg, self.loop_state(), rng, writer=main)  # fmt: skip
+                   self.cfg, self.loop_state(), rng, main, self.strategy)  # fmt: skip
         if main:
             rotate(folder, self.cfg.trainer.keep_checkpoints)
         self.accelerator.wait_for_everyone()
@@ -824,7 +824,9 @@ class Run:
             if t.save_best and (main or self.strategy.collective):  # each gathers its share
                 model = self.accelerator.unwrap_model(self.model)
                 state = {"step": step, "val_loss": val_loss}
-                save_checkpoint(self.best_dir, model, self.tokenizer, self.cfg, state, main)
+                save_checkpoint(
+                    self.best_dir, model, self.tokenizer, self.cfg, state, main, self.strategy
+                )
         self.eval_seconds += time.perf_counter() - start
         return val_loss
 

@@ -3,7 +3,8 @@
 A strategy is chosen once per run (:func:`instruct.parallel.strategy_for`) and owns what
 differs between backends: preparing the model and optimizer, the backward, clipping and step
 of one optimizer step, how validation is split over processes, generating samples, and which
-processes take part in a save. The loop calls it and never asks which backend it is on.
+processes take part in a save, and the full state a save gathers and a load scatters. The
+loop and :mod:`instruct.checkpoint` call it and never ask which backend they are on.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from instruct.config import Precision
 from instruct.kernels.memory import cast_frozen
+from instruct.parallel.full_state import whole
 
 # (model, optimizer) -> (optimizer, scheduler): built on the model as the strategy has it.
 BuildOptimizer = Callable[[Any], tuple[Any, Any]]
@@ -124,3 +126,42 @@ class Strategy:
 
     def whole_norm(self, grad_norm: Any) -> Any:
         return grad_norm
+
+    # Full state. A collective backend: every process calls these, in the same order, and
+    # only where ``keep`` (the process that writes) are the whole tensors kept, on the CPU.
+
+    def model_weights(self, model: Any, keep: bool) -> dict[str, torch.Tensor] | None:
+        """The state dict ``save_pretrained`` writes, gathered whole; None: the model's own."""
+        return None
+
+    def trained_weights(self, model: Any, keep: bool) -> dict[str, torch.Tensor]:
+        """Every trained parameter by name, whole (on the CPU, where ``keep``)."""
+        trained = {
+            name: self.whole_parameter(p, keep)
+            for name, p in self.trained_parameters(model).items()
+        }
+        return {name: t.contiguous() for name, t in trained.items()} if keep else {}
+
+    def whole_parameter(self, param: Any, keep: bool) -> torch.Tensor | None:
+        return whole(param, keep)
+
+    def optimizer_state(self, optimizer: Any, keep: bool) -> dict[str, Any]:
+        """``optimizer.state_dict()`` with every tensor whole, as one process has it."""
+        state = optimizer.state_dict()
+        return state if keep else {}
+
+    def trained_parameters(self, model: Any) -> dict[str, Any]:
+        """The trained parameters by name, as saves read and loads write them."""
+        return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+    def local_part(self, full: torch.Tensor, param: Any) -> torch.Tensor:
+        """``full`` (read from a checkpoint) as ``param`` holds it on this process."""
+        return full
+
+    def load_optimizer(
+        self, optimizer: Any, saved: dict[str, Any], params: dict[str, Any],
+        trained: dict[str, torch.Tensor], where: Any,
+    ) -> None:  # fmt: skip
+        """Load a whole optimizer state (:meth:`optimizer_state`'s) into ``optimizer``;
+        ``params`` are the trained parameters, just loaded with the ``trained`` weights."""
+        optimizer.load_state_dict(saved)
