@@ -202,6 +202,7 @@ def save_state(
     rng: list[dict[str, Any]] | None,
     writer: bool,
     strategy: Strategy,
+    keep: int | None = None,
 ) -> None:
     """A resumable checkpoint at ``path``: trained weights (safetensors), optimizer, scheduler
     and grad-scaler state plus every RNG (``optimizer.pt``: tensors and plain values only),
@@ -233,6 +234,8 @@ def save_state(
         write_config(folder, cfg)
 
     write_atomically(path, write)
+    if keep is not None:  # then all but the newest ``keep`` beside it rotate out
+        rotate(path.parent, keep)
 
 
 def load_state(

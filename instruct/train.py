@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -46,7 +46,6 @@ from instruct.checkpoint import (
     latest_complete,
     load_state,
     recover,
-    rotate,
     save_checkpoint,
     save_state,
     set_rng_state,
@@ -701,6 +700,34 @@ def setup(cfg: DictConfig) -> Run:
 
 
 @dataclass
+class Clock:
+    """Where a run's time goes, as ``results.json`` and every checkpoint report it."""
+
+    train_seconds: float = 0.0  # optimizer steps (and their logging) only
+    eval_seconds: float = 0.0  # validation, samples and checkpoints: not training time
+
+    def state(self) -> dict[str, float]:
+        return {"train_seconds": self.train_seconds, "eval_seconds": self.eval_seconds}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.train_seconds = state["train_seconds"]
+        self.eval_seconds = state["eval_seconds"]
+
+
+def not_training(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A :class:`Run` method whose seconds count as not training time (``eval_seconds``)."""
+
+    @functools.wraps(method)
+    def timed(run: Run, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        result = method(run, *args, **kwargs)
+        run.clock.eval_seconds += time.perf_counter() - start
+        return result
+
+    return timed
+
+
+@dataclass
 class Run:
     """One training run's live objects and the state of its loop."""
 
@@ -721,8 +748,7 @@ class Run:
     fingerprint: str = ""  # of the tokenised data (see data_fingerprint)
     # The loop's state: everything below is saved in each resumable checkpoint.
     step: int = 0  # optimizer steps done
-    eval_seconds: float = 0.0  # validation, samples and checkpoints: not training time
-    train_seconds: float = 0.0  # optimizer steps (and their logging) only
+    clock: Clock = field(default_factory=Clock)
     supervised_total: int = 0
     initial_val_loss: float | None = None
     history: dict[str, list[list[float]]] = field(default_factory=lambda: {"train": [], "val": []})
@@ -741,8 +767,7 @@ class Run:
             "initial_val_loss": self.initial_val_loss,
             "history": self.history,
             "supervised_tokens": self.supervised_total,
-            "train_seconds": self.train_seconds,
-            "eval_seconds": self.eval_seconds,
+            **self.clock.state(),
             "wandb_run_id": self.tracker.run_id,
             "data_fingerprint": self.fingerprint,
         }
@@ -755,8 +780,7 @@ class Run:
         self.initial_val_loss = state["initial_val_loss"]
         self.history = state["history"]
         self.supervised_total = state["supervised_tokens"]
-        self.train_seconds = state["train_seconds"]
-        self.eval_seconds = state["eval_seconds"]
+        self.clock.restore(state)
         ranks = state["rng"]
         if len(ranks) != self.accelerator.num_processes:
             log.warning(
@@ -766,21 +790,18 @@ class Run:
             )  # fmt: skip
         self.rng = ranks[self.accelerator.process_index % len(ranks)]
 
+    @not_training
     def save_resumable(self) -> Path:
         """A resumable checkpoint of the state after ``self.step``; older ones rotate out."""
-        start = time.perf_counter()
-        folder = self.run_dir / "checkpoints"
-        path = folder / step_name(self.step)
+        path = self.run_dir / "checkpoints" / step_name(self.step)
         rng = gather_rng(self.accelerator)  # every process's, as each draws its own masks
         main = self.accelerator.is_main_process
         # Every process: a sharded backend holds a share of the weights and optimizer state.
         model = self.accelerator.unwrap_model(self.model)
         save_state(path, model, self.optimizer, self.scheduler, self.accelerator.scaler,
-                   self.cfg, self.loop_state(), rng, main, self.strategy)  # fmt: skip
-        if main:
-            rotate(folder, self.cfg.trainer.keep_checkpoints)
+                   self.cfg, self.loop_state(), rng, main, self.strategy,
+                   keep=self.cfg.trainer.keep_checkpoints)  # fmt: skip
         self.accelerator.wait_for_everyone()
-        self.eval_seconds += time.perf_counter() - start
         return path
 
     @property
@@ -796,10 +817,10 @@ class Run:
     def best_dir(self) -> Path:
         return self.run_dir / "checkpoints" / "best"
 
+    @not_training
     def validate(self, step: int) -> float:
         """Val loss now; a new best replaces ``checkpoints/best``. NaN never becomes best."""
         t = self.cfg.trainer
-        start = time.perf_counter()
         val_loss = evaluate(
             self.strategy.evaluated(self.model, self.scorer),
             self.val_set,
@@ -827,7 +848,6 @@ class Run:
                 save_checkpoint(
                     self.best_dir, model, self.tokenizer, self.cfg, state, main, self.strategy
                 )
-        self.eval_seconds += time.perf_counter() - start
         return val_loss
 
     def log_samples(self, step: int) -> None:
@@ -940,7 +960,7 @@ class Run:
                     },
                     step,
                 )
-            self.train_seconds += time.perf_counter() - step_start
+            self.clock.train_seconds += time.perf_counter() - step_start
             if step % t.eval_every == 0 or step == self.steps:
                 self.validate(step)
             self.step = step
@@ -966,8 +986,7 @@ class Run:
             "supervised_tokens": self.supervised_total,
             "steps": self.steps,
             "length": {"max_steps": t.max_steps, "epochs": t.epochs},
-            "train_seconds": self.train_seconds,  # optimizer steps only
-            "eval_seconds": self.eval_seconds,  # validations, samples and checkpoints
+            **self.clock.state(),  # optimizer steps; validations, samples and checkpoints
             "packing": self.packed,
             # What the validation loss was measured on: runs whose fingerprints differ
             # (another template or data set) have losses that cannot be compared.
