@@ -11,15 +11,11 @@ Every checkpoint is written into a temporary sibling folder, fsynced, then renam
 and holds a completeness marker written last. A reader never sees a half-written folder, and a
 folder without the marker (a copy cut short) is never resumed from.
 
-Under FSDP the weights and the optimizer state are sharded (DTensors, a slice on each process).
-Every process then calls the save functions: each sharded tensor is gathered whole, one at a
-time, the main process writes, and the files are the ones a single process writes. Loading
-gives each process its own slice of the whole tensors it reads.
-
-Under DeepSpeed ZeRO (stages 1 and 2) the fp32 master weights and the optimizer's moments
-live in flat partitions, a part on each process. They are saved the same way: gathered whole
-for each parameter (DeepSpeed's ``safe_get_full_*``), into the files and layout a single
-process writes (torch's own optimizer state), and put back into the partitions on resume.
+A backend that shards the weights or the optimizer state (FSDP, DeepSpeed ZeRO) gathers and
+scatters them through its strategy (:mod:`instruct.parallel`). Every process then calls the
+save functions: each sharded tensor is gathered whole, one at a time, the ``writer`` writes,
+and the files are the ones a single process writes. Loading gives each process its own part
+of the whole tensors it reads.
 """
 
 from __future__ import annotations
@@ -37,7 +33,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from instruct.compat.deepspeed import has_master, link_moments
+from instruct.parallel import Strategy
 
 log = logging.getLogger(__name__)
 
@@ -118,13 +114,15 @@ def save_checkpoint(
     tokenizer: Any,
     cfg: DictConfig,
     state: dict[str, Any],
-    writer: bool = True,
+    writer: bool,
+    strategy: Strategy,
 ) -> None:
     """Write a usable model checkpoint to ``path``, replacing any previous one atomically.
 
-    A sharded (FSDP) model: every process calls this, and only the ``writer`` writes.
+    A sharded model (``strategy.collective``): every process calls this, and only the
+    ``writer`` writes.
     """
-    weights = whole_weights(model, writer) if is_sharded(model) or zero_managed(model) else None
+    weights = strategy.model_weights(model, writer)
     if not writer:
         return
 
@@ -139,237 +137,6 @@ def save_checkpoint(
         (folder / STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
 
     write_atomically(path, write)
-
-
-# ---------------------------------------------------------------- sharded (FSDP) tensors
-
-
-def is_sharded(model: Any) -> bool:
-    """Whether FSDP (``fully_shard``) manages some module of ``model``."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return any(isinstance(m, FSDPModule) for m in model.modules())
-
-
-def reshard(model: Any) -> None:
-    """Under FSDP, every module's weights back in their shards, registered as the module's
-    parameters. A forward can leave some gathered (the root's, and those of units that
-    keep them for the backward), and a parameter read or written then would be the gathered
-    copy: in the compute dtype, and dropped at the next reshard."""
-    from torch.distributed.fsdp import FSDPModule
-
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
-
-
-def whole(tensor: torch.Tensor, keep: bool) -> torch.Tensor | None:
-    """``tensor`` whole, on the CPU, where ``keep`` (else None). A DTensor is gathered from
-    every process: all of them must call this for it, in the same order."""
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(tensor, DTensor):
-        tensor = tensor.full_tensor()
-    return tensor.detach().cpu() if keep else None
-
-
-def like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """``full`` as ``param`` holds it: this process's slice when ``param`` is sharded. Every
-    process has the whole tensor (read from the checkpoint), so nothing is sent."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    if not isinstance(param, DTensor):
-        return full
-    full = full.to(device=param.device, dtype=param.dtype)
-    return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
-
-
-def whole_weights(model: Any, keep: bool) -> dict[str, torch.Tensor]:
-    """The state dict ``save_pretrained`` writes, gathered whole (on the CPU, where ``keep``).
-
-    For LoRA, only the entries peft picks (adapters, and embeddings it decides to keep), so
-    the frozen base is never gathered; otherwise every entry.
-    """
-    local = model.state_dict()  # DTensors: no communication yet
-    names = list(local)
-    if hasattr(model, "peft_config"):
-        from peft import get_peft_model_state_dict
-
-        picked = {id(t) for t in get_peft_model_state_dict(model, state_dict=local).values()}
-        names = [name for name in names if id(local[name]) in picked]
-    # A weight tied to another (the output layer to the embeddings) is gathered once, and
-    # stays one tensor, which save_pretrained then writes once.
-    params = dict(model.named_parameters(remove_duplicate=False))
-    owner: dict[str, Any] = {n: id(p) for n, p in params.items()}
-    gathered: dict[Any, torch.Tensor | None] = {}
-    for name in names:
-        key = owner.get(name, name)
-        if key not in gathered:
-            param = params.get(name)
-            if param is not None and has_master(param):
-                gathered[key] = master(param, keep)
-            else:
-                gathered[key] = whole(local[name], keep)
-    return {name: gathered[owner.get(name, name)] for name in names} if keep else {}
-
-
-def trainable_weights(model: Any, keep: bool) -> dict[str, torch.Tensor]:
-    """Every trained parameter by name, whole (gathered under FSDP; on the CPU, where ``keep``)."""
-    if is_sharded(model):
-        reshard(model)
-    trained = {
-        name: master(p, keep) if has_master(p) else whole(p, keep)
-        for name, p in model.named_parameters()
-        if p.requires_grad
-    }
-    return {name: t.contiguous() for name, t in trained.items()} if keep else {}
-
-
-def optimizer_state(optimizer: Any, keep: bool) -> dict[str, Any]:
-    """``optimizer.state_dict()`` with every tensor whole, as one process would have it (where
-    ``keep``). Under FSDP each moment (``exp_avg``, ...) is a DTensor sliced like its
-    parameter, gathered here in the state dict's order, the same on every process."""
-    zero = zero_optimizer(optimizer)
-    if zero is not None:
-        return zero_optimizer_state(zero, keep)
-    state = optimizer.state_dict()
-    if not any(_has_dtensor(values) for values in state["state"].values()):
-        return state if keep else {}
-    moments = {
-        index: {key: whole(v, keep) if torch.is_tensor(v) else v for key, v in values.items()}
-        for index, values in state["state"].items()
-    }  # fmt: skip
-    return {"state": moments, "param_groups": state["param_groups"]} if keep else {}
-
-
-def _has_dtensor(values: dict[str, Any]) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(v, DTensor) for v in values.values())
-
-
-def shard_optimizer_state(state: dict[str, Any], optimizer: Any) -> dict[str, Any]:
-    """A whole optimizer state (as :func:`optimizer_state` saved it) with each parameter-shaped
-    tensor sliced as its parameter is: what ``optimizer.load_state_dict`` needs under FSDP."""
-    from torch.distributed.tensor import DTensor
-
-    live = [p for group in optimizer.param_groups for p in group["params"]]
-    if not any(isinstance(p, DTensor) for p in live):
-        return state
-    by_index = {
-        index: param
-        for saved, live in zip(state["param_groups"], optimizer.param_groups, strict=True)
-        for index, param in zip(saved["params"], live["params"], strict=True)
-    }  # fmt: skip
-    moments = {}
-    for index, values in state["state"].items():
-        param = by_index[index]
-        moments[index] = {
-            key: like(v, param) if torch.is_tensor(v) and v.shape == param.shape else v
-            for key, v in values.items()
-        }  # the step count (a scalar) stays as it is
-    return {**state, "state": moments}
-
-
-# ---------------------------------------------------------------- DeepSpeed ZeRO stages 1-2
-
-
-def zero_managed(model: Any) -> bool:
-    return any(has_master(p) for p in model.parameters())
-
-
-def master(param: Any, keep: bool) -> torch.Tensor | None:
-    """``param``'s fp32 master weights, whole (on the CPU, where ``keep``). Every process must
-    call this, in the same order: the parts are added up over all of them."""
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    full = safe_get_full_fp32_param(param)
-    return full.detach().cpu() if keep else None
-
-
-def zero_optimizer(optimizer: Any) -> Any:
-    """DeepSpeed's ZeRO (stage 1-2) or bf16 optimizer behind Accelerate's wrapper, or None."""
-    inner = getattr(optimizer, "optimizer", None)
-    if hasattr(inner, "bit16_groups") or hasattr(inner, "bf16_groups"):
-        return inner
-    return None
-
-
-def zero_groups(zero: Any) -> list[list[Any]]:
-    """The model's parameters in each group, in the order the optimizer was given them."""
-    groups = getattr(zero, "bit16_groups", None)
-    return groups if groups is not None else zero.bf16_groups
-
-
-def zero_optimizer_state(zero: Any, keep: bool) -> dict[str, Any]:
-    """The state ``torch.optim`` would give for the model's own parameters: each moment whole,
-    by parameter index in group order. DeepSpeed's optimizer holds it for flat partitions of
-    all the parameters; every process calls this (each moment is gathered from all)."""
-    from deepspeed.utils import safe_get_full_optimizer_state
-
-    base = zero.optimizer  # torch's optimizer, over this process's flat fp32 partitions
-    flats = [p for g in base.param_groups for p in g["params"]]
-    sample = next((base.state[p] for p in flats if p in base.state), {})
-    if sample:
-        link_moments(zero)
-    state: dict[int, dict[str, Any]] = {}
-    groups, index = [], 0
-    for group, params in zip(base.param_groups, zero_groups(zero), strict=True):
-        indices = []
-        for param in params:
-            entry: dict[str, Any] = {}
-            for key, value in sample.items():
-                if torch.is_tensor(value) and value.dim() > 0:  # a moment, partitioned
-                    full = safe_get_full_optimizer_state(param, key)
-                    entry[key] = full.detach().cpu() if keep else None
-                else:  # the step count, the same for every parameter
-                    entry[key] = value.detach().cpu().clone() if torch.is_tensor(value) else value
-            if entry:
-                state[index] = entry
-            indices.append(index)
-            index += 1
-        groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": indices})
-    return {"state": state, "param_groups": groups} if keep else {}
-
-
-def load_zero_state(
-    zero: Any, saved: dict[str, Any], weights: dict[int, torch.Tensor], where: Path
-) -> None:
-    """Put a whole optimizer state (:func:`zero_optimizer_state`'s layout, or a single
-    process's) and the trained weights (by parameter index) into DeepSpeed's partitions."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-    base, groups = zero.optimizer, zero_groups(zero)
-    sizes = [len(g["params"]) for g in saved["param_groups"]]
-    if sizes != [len(g) for g in groups]:
-        raise ValueError(
-            f"{where}: its optimizer has parameter groups of {sizes} parameters; this run's has "
-            f"{[len(g) for g in groups]}"
-        )
-    for group, saved_group in zip(base.param_groups, saved["param_groups"], strict=True):
-        group.update({k: v for k, v in saved_group.items() if k != "params"})
-    params = [p for g in groups for p in g]
-    entries = saved["state"]
-    if entries:
-        # torch's optimizer makes its state at the first step: make it now, for the flat
-        # partitions, so that DeepSpeed can point each parameter at its part of it.
-        sample = next(iter(entries.values()))
-        for group in base.param_groups:
-            for flat in group["params"]:
-                base.state[flat] = {
-                    key: torch.zeros_like(flat)
-                    if torch.is_tensor(v) and v.dim() > 0
-                    else (v.clone().to(flat.device) if torch.is_tensor(v) else v)
-                    for key, v in sample.items()
-                }
-        link_moments(zero)
-        for index, param in enumerate(params):
-            for key, value in entries.get(index, {}).items():
-                if torch.is_tensor(value) and value.dim() > 0:
-                    safe_set_full_optimizer_state(param, value, key)
-    for index, param in enumerate(params):
-        if index in weights:
-            safe_set_full_fp32_param(param, weights[index].float())
 
 
 def write_config(folder: Path, cfg: DictConfig) -> None:
@@ -432,20 +199,23 @@ def save_state(
     scaler: Any,
     cfg: DictConfig,
     loop: dict[str, Any],
-    rng: list[dict[str, Any]] | None = None,
-    writer: bool = True,
+    rng: list[dict[str, Any]] | None,
+    writer: bool,
+    strategy: Strategy,
+    keep: int | None = None,
 ) -> None:
     """A resumable checkpoint at ``path``: trained weights (safetensors), optimizer, scheduler
     and grad-scaler state plus every RNG (``optimizer.pt``: tensors and plain values only),
     the loop's state (``trainer_state.json``) and the resolved config (YAML).
 
-    A sharded (FSDP) model: every process calls this, and only the ``writer`` writes; the
-    weights and optimizer state are whole, so one process (or any number) can resume them.
+    A sharded model (``strategy.collective``): every process calls this, and only the
+    ``writer`` writes; the weights and optimizer state are whole, so one process (or any
+    number) can resume them.
     """
     from safetensors.torch import save_file
 
-    trained = trainable_weights(model, writer)
-    optimizer_saved = optimizer_state(optimizer, writer)
+    trained = strategy.trained_weights(model, writer)
+    optimizer_saved = strategy.optimizer_state(optimizer, writer)
     if not writer:
         return
 
@@ -464,9 +234,13 @@ def save_state(
         write_config(folder, cfg)
 
     write_atomically(path, write)
+    if keep is not None:  # then all but the newest ``keep`` beside it rotate out
+        rotate(path.parent, keep)
 
 
-def load_state(path: Path, model: Any, optimizer: Any, scheduler: Any, scaler: Any) -> dict:
+def load_state(
+    path: Path, model: Any, optimizer: Any, scheduler: Any, scaler: Any, strategy: Strategy
+) -> dict:
     """Load a checkpoint written by :func:`save_state` into live objects; the loop's state.
 
     RNG states (a list, one per process) are not set here: the caller sets its own right
@@ -477,9 +251,7 @@ def load_state(path: Path, model: Any, optimizer: Any, scheduler: Any, scaler: A
     path = Path(path)
     check_resumable(path)
     trained = load_file(str(path / WEIGHTS_FILE))
-    if is_sharded(model):
-        reshard(model)
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    params = strategy.trained_parameters(model)
     if set(trained) != set(params):
         missing, extra = sorted(set(params) - set(trained)), sorted(set(trained) - set(params))
         raise ValueError(
@@ -488,15 +260,9 @@ def load_state(path: Path, model: Any, optimizer: Any, scheduler: Any, scaler: A
         )
     with torch.no_grad():
         for name, p in params.items():
-            p.copy_(like(trained[name], p))
+            p.copy_(strategy.local_part(trained[name], p))
     extra = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
-    zero = zero_optimizer(optimizer)
-    if zero is not None:  # the fp32 masters and moments live in DeepSpeed's partitions
-        index = {id(p): i for i, p in enumerate(p for g in zero_groups(zero) for p in g)}
-        weights = {index[id(p)]: trained[name] for name, p in params.items() if id(p) in index}
-        load_zero_state(zero, extra["optimizer"], weights, path / OPTIMIZER_FILE)
-    else:
-        optimizer.load_state_dict(shard_optimizer_state(extra["optimizer"], optimizer))
+    strategy.load_optimizer(optimizer, extra["optimizer"], params, trained, path / OPTIMIZER_FILE)
     scheduler.load_state_dict(extra["scheduler"])
     if scaler is not None and extra["scaler"] is not None:
         scaler.load_state_dict(extra["scaler"])

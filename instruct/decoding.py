@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from instruct.modes import evaluating
 from instruct.templates import Message, render_many, stop_tokens
 from instruct.tokenize import padded, token_ids
 
@@ -74,11 +75,9 @@ def generate(
     # Longest first: the first batch's rows share a width, and each later prompt is no longer
     # than those before it, so it fits into cache columns that already exist.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    was_training = model.training
-    model.eval()
     if sampling.do_sample:
         torch.manual_seed(sampling.seed)
-    try:
+    with evaluating(model):
         new = None
         if not in_lock_step(model):
             done = stop_check(tokenizer, stop_ids, stop_strings, sampling.max_new_tokens)
@@ -93,8 +92,6 @@ def generate(
             new = generate_sorted(
                 model, tokenizer, prompts, order, stop_ids, stop_strings, sampling, batch_size
             )
-    finally:
-        model.train(was_training)
     return [reply_text(ids, tokenizer, stop_ids, stop_strings) for ids in new]
 
 
@@ -183,8 +180,8 @@ def in_lock_step(model: Any) -> bool:
     Under FSDP or ZeRO-3 every forward pass gathers weights with collectives, so each process
     must run as many as the others; ``model.generate`` keeps finished processes stepping
     (``synced_gpus``), a pool would not. The model may be sharded without saying so here
-    (``train.root_gathered`` marks it only for transformers), so any process group of two or
-    more takes that path.
+    (``instruct.parallel.fsdp.root_gathered`` marks it only for transformers), so any
+    process group of two or more takes that path.
     """
     dist = torch.distributed
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

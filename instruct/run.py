@@ -12,8 +12,9 @@ from omegaconf import DictConfig
 
 from instruct.entry import hydra_main
 from instruct.eval.metric import resolve, sweeper_value
+from instruct.parallel.launch import join_launch
 from instruct.sweep import NEW_SWEEP_FLAG, continue_sweep, override_values, sweep_folder
-from instruct.train import join_launch, train
+from instruct.train import train
 
 
 @hydra_main("config")

@@ -27,7 +27,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -44,7 +44,6 @@ from instruct.checkpoint import (
     latest_complete,
     load_state,
     recover,
-    rotate,
     save_checkpoint,
     save_state,
     set_rng_state,
@@ -59,19 +58,15 @@ from instruct.data.features import (  # noqa: F401 - two names kept importable f
     tokenize_split,
 )
 from instruct.decoding import generate
-from instruct.distributed import (
-    all_ranks_sum,
-    distributed_kind,
-    is_deepspeed,
-    is_deepspeed_launch,
-    is_fsdp,
-)
 from instruct.eval.runner import check_eval, eval_enabled
-from instruct.kernels.memory import cast_frozen, keep_freed_memory
+from instruct.kernels.memory import keep_freed_memory
 from instruct.kernels.packed_attention import trust_packing, use_packed_attention
 from instruct.loss import loss_sum
 from instruct.model import apply_lora, base_model_of, count_parameters, fit_tokenizer
 from instruct.optim import build_optimizer, build_scheduler
+from instruct.parallel import Strategy, strategy_for
+from instruct.parallel.base import all_ranks_sum
+from instruct.parallel.launch import new_accelerator
 from instruct.templates import to_messages
 from instruct.tokenize import (
     Feature,
@@ -387,144 +382,6 @@ def data_fingerprint(*splits: Sequence[Feature]) -> str:
     return digest.hexdigest()
 
 
-def new_accelerator(mixed_precision: str) -> Any:
-    """An Accelerator for this run, even when an earlier run in the process chose another
-    precision (Hydra multirun jobs and Optuna trials share one process). Accelerate keeps its
-    state process-wide and refuses a change; the distributed part (PartialState) is kept."""
-    from accelerate import Accelerator
-    from accelerate.state import is_initialized
-
-    from instruct.compat.accelerate import forget_accelerator, precision_differs
-
-    if precision_differs(mixed_precision):
-        forget_accelerator()
-    cpu = cpu_only_launch()
-    if not is_initialized():
-        join_launch()
-        offer_fsdp(cpu)
-    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
-
-
-def offer_fsdp(cpu: bool) -> None:
-    """Make an FSDP launch (``accelerate launch --config_file conf/accelerate/fsdp.yaml``)
-    shard on a machine without GPUs too.
-
-    Accelerate 1.15 turns such a launch into FSDP only when the processes joined as GPU-like
-    ones (MULTI_GPU, MULTI_NPU, ...); on CPUs (MULTI_CPU, gloo) it silently trains with plain
-    data parallelism. torch's ``fully_shard`` works on CPUs over gloo, so the process group is
-    joined as usual and shown to Accelerate as MULTI_GPU for that one choice, which it then
-    records as FSDP: from there on, the run takes the code path a GPU run takes. The same
-    applies to an Accelerator made again in one process (a sweep), whose process group
-    already says FSDP. Without an FSDP launch, nothing changes.
-    """
-    from accelerate import PartialState
-    from accelerate.utils import DistributedType
-
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
-        return
-    state = PartialState(cpu=cpu)
-    if state.distributed_type in (DistributedType.MULTI_CPU, DistributedType.FSDP):
-        # PartialState's instances share one dict: this holds for the whole process.
-        state.distributed_type = DistributedType.MULTI_GPU
-
-
-def join_launch() -> Any:
-    """This process's Accelerate ``PartialState``, in the launcher's process group.
-
-    A launch on a machine without GPUs joins over gloo (:func:`cpu_only_launch`). Under
-    DeepSpeed, Accelerate 1.15 starts the engine only for processes that did not ask for
-    ``cpu=True``, and without a GPU it then finds no backend: DeepSpeed joins the processes
-    but Accelerate counts one, and each would train alone. Naming gloo keeps both counts.
-    """
-    from accelerate import PartialState
-
-    if is_deepspeed_launch(os.environ) and not accelerator_available():
-        return PartialState(cpu=False, backend="gloo")
-    return PartialState(cpu=cpu_only_launch())
-
-
-def hand_over_to_deepspeed(accelerator: Any, t: Any, max_grad_norm: float | None) -> int:
-    """Put the run's batch, accumulation and clipping into the DeepSpeed config (its
-    ``auto`` values would be Accelerate's defaults, not ours); the ZeRO stage.
-
-    Stage 3 is refused before anything is partitioned: its weights exist only as shards
-    gathered inside DeepSpeed's hooks, which this loop's checkpoints, validation and
-    samples do not go through; FSDP (conf/accelerate/fsdp.yaml) shards a model instead.
-    """
-    plugin = accelerator.state.deepspeed_plugin
-    stage = int(plugin.zero_stage or 0)
-    if stage >= 3:
-        raise NotImplementedError(
-            "accelerate launch with DeepSpeed ZeRO stage 3: not supported by this trainer (its "
-            "checkpoints, validation and samples need the weights whole). To shard the model "
-            "itself, launch with conf/accelerate/fsdp.yaml; ZeRO stage 1 or 2 "
-            "(conf/accelerate/deepspeed_zero2.yaml) splits the optimizer state and gradients"
-        )
-    config = plugin.deepspeed_config
-    config["train_micro_batch_size_per_gpu"] = t.batch_size
-    config["gradient_accumulation_steps"] = t.grad_accum
-    config["train_batch_size"] = t.batch_size * t.grad_accum * accelerator.num_processes
-    config["gradient_clipping"] = float(max_grad_norm or 0.0)  # 0: DeepSpeed does not clip
-    return stage
-
-
-class WholeForward(torch.nn.Module):
-    """``module``'s own forward and nothing else of it, as DDP's wrapper is.
-
-    Under FSDP every forward must enter through the sharded root module: its hooks gather the
-    weights no layer owns (a final norm, say), and every process runs every forward. Given a
-    model it can take apart, :func:`instruct.loss.loss_sum` would call the decoder and the
-    output layer on their own, around the root; given this wrapper it takes the model's full
-    forward, with ``logits_to_keep`` on packed rows (:func:`instruct.loss.logits_where`).
-    """
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        super().__init__()
-        self.module = module
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.module(*args, **kwargs)
-
-
-@contextmanager
-def root_gathered(model: Any, fsdp: bool) -> Iterator[None]:
-    """Under FSDP, the root's own weights gathered while ``generate`` runs, on every process.
-
-    transformers' ``generate`` calls the inner model's forward (a PeftModel's base model), so
-    the root's hooks, which gather the weights that belong to no layer, do not run; each layer
-    and the embeddings still gather their own. ``synced_gpus`` (which transformers turns on
-    for a module marked as FSDP-managed) keeps the processes decoding in step until all end.
-    """
-    if not fsdp:
-        yield
-        return
-    from instruct.compat.transformers import mark_fsdp_managed
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    mark_fsdp_managed(base)  # transformers' own mark: generate(synced_gpus=True)
-    model.unshard()
-    try:
-        yield
-    finally:
-        model.reshard()
-
-
-def cpu_only_launch() -> bool:
-    """Whether this is one of several processes (torchrun, accelerate launch) on a machine
-    without an accelerator. Accelerate then needs ``cpu=True`` to join them with gloo:
-    without it, each process would train alone."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or is_deepspeed_launch(os.environ):
-        return False  # DeepSpeed: see join_launch
-    return not accelerator_available()
-
-
-def accelerator_available() -> bool:
-    accelerator = getattr(torch, "accelerator", None)
-    if accelerator is not None:
-        return accelerator.is_available()
-    return torch.cuda.is_available()
-
-
 def setup(cfg: DictConfig) -> Run:
     """Build everything a run needs, in data-flow order; nothing trains yet."""
     from accelerate.utils import set_seed
@@ -585,33 +442,23 @@ def setup(cfg: DictConfig) -> Run:
         100 * trainable / total,
     )
     steps = total_steps(cfg, len(train_set), accelerator.num_processes)
-    fsdp, deepspeed = is_fsdp(accelerator), is_deepspeed(accelerator)
-    if deepspeed:
-        hand_over_to_deepspeed(accelerator, t, cfg.optimizer.max_grad_norm)
-    if fsdp or deepspeed:  # before either casts the weights to the compute dtype (bf16)
-        packed = t.packing and main_decides(accelerator, lambda: trust_packing(
-            model, train_set, tokenizer.pad_token_id, "cpu", attention))  # fmt: skip
-    if fsdp and t.precision == Precision.bf16:  # sharded as stored: frozen base in half the memory
-        cast_frozen(model, torch.bfloat16)
-    optimizer = build_optimizer(model, cfg.optimizer)
-    scheduler = build_scheduler(optimizer, cfg.optimizer, steps)
-    # Under DeepSpeed, the model comes back as its engine, which steps the optimizer itself
-    # (:meth:`Run.step_once`), and with bf16 holds every weight in bf16 and fp32 copies of
-    # the trained ones in the optimizer.
-    model, optimizer = accelerator.prepare(model, optimizer)
-    held = local_parameters(model)  # before any forward gathers some
-    if not (fsdp or deepspeed):
-        packed = t.packing and trust_packing(
-            accelerator.unwrap_model(model), train_set, tokenizer.pad_token_id,
-            accelerator.device, attention,
-        )  # fmt: skip
-        if t.precision == Precision.bf16:  # after fp32 packing check; autocast reads bf16 anyway
-            cast_frozen(accelerator.unwrap_model(model), torch.bfloat16)
+    strategy = strategy_for(accelerator)  # the one place the backend is asked for
+
+    def build(model: Any) -> tuple[Any, Any]:
+        optimizer = build_optimizer(model, cfg.optimizer)
+        return optimizer, build_scheduler(optimizer, cfg.optimizer, steps)
+
+    def fits_packing(model: Any, device: Any) -> bool:
+        return trust_packing(model, train_set, tokenizer.pad_token_id, device, attention)
+
+    model, optimizer, scheduler, packed, held = strategy.prepare(
+        model, t, cfg.optimizer.max_grad_norm, build, fits_packing
+    )
     fingerprint = data_fingerprint(train_set, val_set)
     state: dict[str, Any] = {}
     if point is not None:
         unwrapped = accelerator.unwrap_model(model)
-        state = load_state(point, unwrapped, optimizer, scheduler, accelerator.scaler)
+        state = load_state(point, unwrapped, optimizer, scheduler, accelerator.scaler, strategy)
         if state["data_fingerprint"] != fingerprint:
             raise ValueError(
                 f"trainer.resume: the tokenised data differ from those {point} was trained on "
@@ -636,32 +483,44 @@ def setup(cfg: DictConfig) -> Run:
         "trainable_parameters": trainable,
         "total_parameters": total,
         "world_size": accelerator.num_processes,
-        "distributed_type": distributed_kind(accelerator),
-        "parameters_on_main_process": held,  # under FSDP, its shards only
+        "distributed_type": strategy.name,
+        "parameters_on_main_process": held,  # sharded: its shards only
     }
     tracker.summary(info)
     samples = [prompt_and_reference(e) for e in val_examples[: t.samples]]
-    run = Run(cfg, accelerator, model, tokenizer, optimizer, scheduler, tracker,
+    run = Run(cfg, accelerator, strategy, model, tokenizer, optimizer, scheduler, tracker,
               train_set, val_set, steps, info, samples, packed, fingerprint)  # fmt: skip
     if state:
         run.restore(state)
     return run
 
 
-def main_decides(accelerator: Any, decide: Callable[[], bool]) -> bool:
-    """``decide()`` run on the main process only, its answer given to every process. Under
-    FSDP the others may hold no weights before sharding (they wait on the meta device for
-    the main process's, with ``fsdp_cpu_ram_efficient_loading``)."""
-    value = float(decide()) if accelerator.is_main_process else 0.0
-    (total,) = all_ranks_sum(accelerator, value)
-    return total > 0
+@dataclass
+class Clock:
+    """Where a run's time goes, as ``results.json`` and every checkpoint report it."""
+
+    train_seconds: float = 0.0  # optimizer steps (and their logging) only
+    eval_seconds: float = 0.0  # validation, samples and checkpoints: not training time
+
+    def state(self) -> dict[str, float]:
+        return {"train_seconds": self.train_seconds, "eval_seconds": self.eval_seconds}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.train_seconds = state["train_seconds"]
+        self.eval_seconds = state["eval_seconds"]
 
 
-def local_parameters(model: Any) -> int:
-    """Parameter elements this process holds: all of them, or its shards under FSDP."""
-    from torch.distributed.tensor import DTensor
+def not_training(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A :class:`Run` method whose seconds count as not training time (``eval_seconds``)."""
 
-    return sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in model.parameters())
+    @functools.wraps(method)
+    def timed(run: Run, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        result = method(run, *args, **kwargs)
+        run.clock.eval_seconds += time.perf_counter() - start
+        return result
+
+    return timed
 
 
 @dataclass
@@ -670,6 +529,7 @@ class Run:
 
     cfg: DictConfig
     accelerator: Any
+    strategy: Strategy  # what differs between backends (see instruct.parallel)
     model: Any
     tokenizer: Any
     optimizer: torch.optim.Optimizer
@@ -684,8 +544,7 @@ class Run:
     fingerprint: str = ""  # of the tokenised data (see data_fingerprint)
     # The loop's state: everything below is saved in each resumable checkpoint.
     step: int = 0  # optimizer steps done
-    eval_seconds: float = 0.0  # validation, samples and checkpoints: not training time
-    train_seconds: float = 0.0  # optimizer steps (and their logging) only
+    clock: Clock = field(default_factory=Clock)
     supervised_total: int = 0
     initial_val_loss: float | None = None
     history: dict[str, list[list[float]]] = field(default_factory=lambda: {"train": [], "val": []})
@@ -704,8 +563,7 @@ class Run:
             "initial_val_loss": self.initial_val_loss,
             "history": self.history,
             "supervised_tokens": self.supervised_total,
-            "train_seconds": self.train_seconds,
-            "eval_seconds": self.eval_seconds,
+            **self.clock.state(),
             "wandb_run_id": self.tracker.run_id,
             "data_fingerprint": self.fingerprint,
         }
@@ -718,8 +576,7 @@ class Run:
         self.initial_val_loss = state["initial_val_loss"]
         self.history = state["history"]
         self.supervised_total = state["supervised_tokens"]
-        self.train_seconds = state["train_seconds"]
-        self.eval_seconds = state["eval_seconds"]
+        self.clock.restore(state)
         ranks = state["rng"]
         if len(ranks) != self.accelerator.num_processes:
             log.warning(
@@ -729,21 +586,18 @@ class Run:
             )  # fmt: skip
         self.rng = ranks[self.accelerator.process_index % len(ranks)]
 
+    @not_training
     def save_resumable(self) -> Path:
         """A resumable checkpoint of the state after ``self.step``; older ones rotate out."""
-        start = time.perf_counter()
-        folder = self.run_dir / "checkpoints"
-        path = folder / step_name(self.step)
+        path = self.run_dir / "checkpoints" / step_name(self.step)
         rng = gather_rng(self.accelerator)  # every process's, as each draws its own masks
         main = self.accelerator.is_main_process
-        # Every process: under FSDP each holds a share of the weights and optimizer state.
+        # Every process: a sharded backend holds a share of the weights and optimizer state.
         model = self.accelerator.unwrap_model(self.model)
         save_state(path, model, self.optimizer, self.scheduler, self.accelerator.scaler,
-                   self.cfg, self.loop_state(), rng, writer=main)  # fmt: skip
-        if main:
-            rotate(folder, self.cfg.trainer.keep_checkpoints)
+                   self.cfg, self.loop_state(), rng, main, self.strategy,
+                   keep=self.cfg.trainer.keep_checkpoints)  # fmt: skip
         self.accelerator.wait_for_everyone()
-        self.eval_seconds += time.perf_counter() - start
         return path
 
     @property
@@ -751,34 +605,20 @@ class Run:
         return Path(self.cfg.run_dir)
 
     @functools.cached_property
-    def fsdp(self) -> bool:
-        return is_fsdp(self.accelerator)
-
-    @functools.cached_property
-    def deepspeed(self) -> bool:
-        return is_deepspeed(self.accelerator)
-
-    @property
-    def collective(self) -> bool:
-        """Whether saving the model needs every process (FSDP shards, DeepSpeed's masters)."""
-        return self.fsdp or self.deepspeed
-
-    @functools.cached_property
     def scorer(self) -> Any:
-        """What losses are taken with: the prepared model, or under FSDP its root's own
-        forward (:class:`WholeForward`), which every process runs in step."""
-        return WholeForward(self.model) if self.fsdp else self.model
+        """What training losses are taken with (see :meth:`Strategy.scorer`)."""
+        return self.strategy.scorer(self.model)
 
     @property
     def best_dir(self) -> Path:
         return self.run_dir / "checkpoints" / "best"
 
+    @not_training
     def validate(self, step: int) -> float:
         """Val loss now; a new best replaces ``checkpoints/best``. NaN never becomes best."""
         t = self.cfg.trainer
-        start = time.perf_counter()
         val_loss = evaluate(
-            self.scorer if self.fsdp else self.accelerator.unwrap_model(self.model),
+            self.strategy.evaluated(self.model, self.scorer),
             self.val_set,
             t.eval_batch_size or t.batch_size,
             self.tokenizer.pad_token_id,
@@ -787,27 +627,29 @@ class Run:
             self.accelerator.autocast,
             t.fused_loss,
             self.accelerator,
+            self.strategy.lockstep,
         )
         self.history["val"].append([step, val_loss])
         self.tracker.log(
             {"val/loss": val_loss, "val/perplexity": math.exp(min(val_loss, 50))}, step
         )
         main = self.accelerator.is_main_process
-        if self.samples and (main or self.fsdp):  # FSDP: every process takes part
+        if self.samples and (main or self.strategy.lockstep):  # lockstep: every process
             self.log_samples(step)
         if math.isfinite(val_loss) and val_loss < self.best_val_loss:
             self.best_val_loss, self.best_step = val_loss, step
-            if t.save_best and (main or self.collective):  # each process gathers its share
+            if t.save_best and (main or self.strategy.collective):  # each gathers its share
                 model = self.accelerator.unwrap_model(self.model)
                 state = {"step": step, "val_loss": val_loss}
-                save_checkpoint(self.best_dir, model, self.tokenizer, self.cfg, state, main)
-        self.eval_seconds += time.perf_counter() - start
+                save_checkpoint(
+                    self.best_dir, model, self.tokenizer, self.cfg, state, main, self.strategy
+                )
         return val_loss
 
     def log_samples(self, step: int) -> None:
         """Greedy replies to a few validation prompts, as a table (W&B and samples.jsonl).
 
-        Under FSDP every process generates them, in step (see :func:`root_gathered`).
+        In lockstep every process generates them, in step (see :meth:`Strategy.generating`).
         """
         template = self.cfg.template
         greedy = SimpleNamespace(
@@ -817,7 +659,7 @@ class Run:
         )
         prompts = [to_messages(example, template) for example, _ in self.samples]
         model = self.accelerator.unwrap_model(self.model)
-        with self.accelerator.autocast(), root_gathered(model, self.fsdp):
+        with self.accelerator.autocast(), self.strategy.generating(model):
             replies = generate(model, self.tokenizer, template, prompts, greedy)
         rows = [
             [step, prompt[-1]["content"], reference, reply]
@@ -847,32 +689,19 @@ class Run:
                 mine, weight = mb[:1], 0.0
             inputs = to_device(batch(mine, pad_id, self.packed), device)
             last = k == len(micro_batches) - 1
-            with nullcontext() if last or self.deepspeed else self.accelerator.no_sync(self.model):
+            with self.strategy.accumulating(self.model, last):
                 with self.accelerator.autocast():
                     loss, _ = loss_sum(self.scorer, inputs, self.cfg.trainer.fused_loss)
-                # DDP, FSDP and DeepSpeed average gradients over processes; times world,
-                # they add up.
+                # Every multi-process backend averages gradients over processes; times
+                # world, they add up.
                 scaled = loss * (weight * world / denominator)
-                if self.deepspeed:  # the engine's own backward: it reduces at the boundary
-                    self.model.set_gradient_accumulation_boundary(last)
-                    self.model.backward(scaled, scale_wrt_gas=False)  # already token-weighted
-                else:
-                    self.accelerator.backward(scaled)
+                self.strategy.backward(self.model, scaled, last)
             total += loss.item() * weight
         (total,) = all_ranks_sum(self.accelerator, total)
-        if self.deepspeed:  # clips (its gradient_clipping), steps and zeroes the gradients
-            self.model.step()
-            grad_norm = self.model.get_global_grad_norm()  # None: a step fp16 overflow skipped
-            grad_norm = math.nan if grad_norm is None else grad_norm
-        else:
-            max_norm = self.cfg.optimizer.max_grad_norm or math.inf
-            grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
-            if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, the same on every process
-                grad_norm = grad_norm.full_tensor()
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+        max_norm = self.cfg.optimizer.max_grad_norm
+        grad_norm = self.strategy.optimizer_step(self.model, self.optimizer, max_norm)
         self.scheduler.step()
-        return total / denominator, n_sup, float(grad_norm)
+        return total / denominator, n_sup, grad_norm
 
     def loop(self) -> dict[str, Any]:
         with stop_signals() as stop:
@@ -927,7 +756,7 @@ class Run:
                     },
                     step,
                 )
-            self.train_seconds += time.perf_counter() - step_start
+            self.clock.train_seconds += time.perf_counter() - step_start
             if step % t.eval_every == 0 or step == self.steps:
                 self.validate(step)
             self.step = step
@@ -953,8 +782,7 @@ class Run:
             "supervised_tokens": self.supervised_total,
             "steps": self.steps,
             "length": {"max_steps": t.max_steps, "epochs": t.epochs},
-            "train_seconds": self.train_seconds,  # optimizer steps only
-            "eval_seconds": self.eval_seconds,  # validations, samples and checkpoints
+            **self.clock.state(),  # optimizer steps; validations, samples and checkpoints
             "packing": self.packed,
             # What the validation loss was measured on: runs whose fingerprints differ
             # (another template or data set) have losses that cannot be compared.

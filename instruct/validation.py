@@ -9,8 +9,9 @@ from typing import Any
 
 import torch
 
-from instruct.distributed import all_ranks_sum, is_fsdp
 from instruct.loss import loss_sum
+from instruct.modes import evaluating
+from instruct.parallel.base import all_ranks_sum
 from instruct.tokenize import Feature, batch
 
 
@@ -29,31 +30,31 @@ def evaluate(
     autocast: Any = nullcontext,
     fused: bool = True,
     accelerator: Any = None,
+    lockstep: bool = False,
 ) -> float:
     """Mean loss over every supervised token of ``features`` (token-weighted, not per batch);
     the weighted mean when features carry loss weights, as in training.
 
     With several processes (``accelerator``), each takes every world-size-th example and the
-    sums are added up over all of them: every example counts exactly once. Under FSDP each
-    forward needs every process, so all run as many batches as process 0 (which has the most);
-    one with fewer runs its last ones on an example it then leaves out.
+    sums are added up over all of them: every example counts exactly once. In ``lockstep``
+    (every forward needs every process: see ``instruct.parallel``) all run as many batches as
+    process 0 (which has the most); one with fewer runs its last ones on an example it then
+    leaves out.
     """
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
     ordered = sorted(features, key=lambda f: len(f.input_ids))  # less padding, same sum
     mine, rounds = ordered, len(ordered)
     if accelerator is not None and accelerator.num_processes > 1:
         mine = ordered[accelerator.process_index :: accelerator.num_processes]
-        rounds = len(ordered[:: accelerator.num_processes]) if is_fsdp(accelerator) else len(mine)
-    for i in range(0, rounds, batch_size):
-        part, weight = mine[i : i + batch_size], 1
-        if not part:  # FSDP: a forward for the other processes' sake
-            part, weight = ordered[:1], 0
-        inputs = to_device(batch(part, pad_id, packed), device)
-        with autocast():
-            loss, n = loss_sum(model, inputs, fused)
-        total, count = total + loss.item() * weight, count + n * weight
-    model.train(was_training)
+        rounds = len(ordered[:: accelerator.num_processes]) if lockstep else len(mine)
+    with evaluating(model):
+        for i in range(0, rounds, batch_size):
+            part, weight = mine[i : i + batch_size], 1
+            if not part:  # lockstep: a forward for the other processes' sake
+                part, weight = ordered[:1], 0
+            inputs = to_device(batch(part, pad_id, packed), device)
+            with autocast():
+                loss, n = loss_sum(model, inputs, fused)
+            total, count = total + loss.item() * weight, count + n * weight
     total, count = all_ranks_sum(accelerator, total, count)
     return total / max(count, 1)

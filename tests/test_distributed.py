@@ -158,7 +158,7 @@ def test_steps_count_the_examples_every_process_takes():
 def test_deepspeed_zero3_is_refused_with_the_reason_and_our_settings_are_handed_over():
     from types import SimpleNamespace
 
-    from instruct.train import hand_over_to_deepspeed
+    from instruct.parallel.deepspeed import hand_over_to_deepspeed
 
     def accelerator(stage):
         plugin = SimpleNamespace(zero_stage=stage, deepspeed_config={"train_batch_size": "auto"})

@@ -486,6 +486,7 @@ def test_a_weight_zero_turn_contributes_nothing(templates, tiny):
 def test_a_step_divides_by_the_weights_of_every_micro_batch(templates, tiny):
     """Run.step_once over two micro-batches: the step's loss is sum(w * loss) / sum(w) of
     all of them, and so is its gradient (an SGD step of lr 1 moves each weight by it)."""
+    from instruct.parallel import strategy_for
     from instruct.train import Run, new_accelerator
 
     model, tok, cfg = tiny
@@ -498,13 +499,14 @@ def test_a_step_divides_by_the_weights_of_every_micro_batch(templates, tiny):
     model.zero_grad(set_to_none=True)
     before = [p.detach().clone() for p in model.parameters()]
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    accelerator = new_accelerator("no")
     run = SimpleNamespace(
         tokenizer=tok,
-        accelerator=new_accelerator("no"),
+        accelerator=accelerator,
+        strategy=strategy_for(accelerator),
         model=model,
         scorer=model,
         packed=True,
-        deepspeed=False,
         optimizer=optimizer,
         scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
         cfg=SimpleNamespace(

@@ -46,6 +46,7 @@ except ImportError as err:  # an optional dependency: only runs that ask for the
 
 from instruct.content import ControlTokens, TextEncoder
 from instruct.eval.suite import EvalContext, Score, Suite, SuiteResult, register_suite
+from instruct.modes import evaluating
 from instruct.templates import chat_template, end_of_turn
 from instruct.tokenize import padded
 
@@ -529,8 +530,7 @@ class LmEvalSuite(Suite):
             eot = end_of_turn(ctx.template, ctx.tokenizer).strip()
             stop = [eot] if eot and eot != tokenizer.eos_token else []
         marks = SpecialMarks.of(tokenizer)
-        training = ctx.model.training
-        try:
+        with evaluating(ctx.model):  # HFLM switches the model to eval mode; this switches back
             lm = TemplateHFLM(
                 pretrained=ctx.model,
                 tokenizer=tokenizer,
@@ -554,8 +554,6 @@ class LmEvalSuite(Suite):
                 numpy_random_seed=None,
                 torch_random_seed=None,
             )
-        finally:
-            ctx.model.train(training)  # HFLM switches the model to eval mode
         return out, lm, marks
 
     def run(self, ctx: EvalContext) -> SuiteResult:

@@ -11,6 +11,7 @@ import torch
 from accelerate.utils import send_to_device
 
 from instruct.loss import hidden_or_logits
+from instruct.modes import evaluating
 from instruct.tokenize import Feature, batch, collate
 
 log = logging.getLogger(__name__)
@@ -99,13 +100,9 @@ def packing_error(
     the first; that shows here as a large difference, so packing is never trusted blindly.
     """
     short = [Feature(f.input_ids[:length], f.labels[:length]) for f in features[:3]]
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         padded, _ = hidden_or_logits(model, send_to_device(collate(short, pad_id), device))
         packed, _ = hidden_or_logits(model, send_to_device(make_batch(short, pad_id, True), device))
-    finally:
-        model.train(was_training)
     start, worst, scale = 0, 0.0, 1.0
     for row, f in enumerate(short):
         n = len(f.input_ids)
