@@ -78,6 +78,9 @@ from instruct.validation import evaluate, to_device
 log = logging.getLogger(__name__)
 
 # Accelerate's mixed_precision of each trainer.precision.
+# (model, batch, fused) -> (summed loss, supervised tokens), as instruct.loss.loss_sum.
+LossFn = Callable[[Any, dict[str, Any], bool], tuple[torch.Tensor, int]]
+
 PRECISIONS = {Precision.fp32: "no", Precision.bf16: "bf16", Precision.fp16: "fp16"}
 
 
@@ -103,11 +106,14 @@ def total_steps(cfg: DictConfig, n_train: int, processes: int = 1) -> int:
     return t.epochs * math.ceil(batches / t.grad_accum)
 
 
-def train(cfg: DictConfig, command: Sequence[str] | None = None) -> dict[str, Any]:
+def train(
+    cfg: DictConfig, command: Sequence[str] | None = None, loss_fn: LossFn = loss_sum
+) -> dict[str, Any]:
     """Train as ``cfg`` says; write the best checkpoint and ``results.json`` in ``cfg.run_dir``.
 
     ``command`` is how the run was started (for the resume command printed when a signal
-    stops it); by default ``python -m instruct.run`` with no overrides.
+    stops it); by default ``python -m instruct.run`` with no overrides. ``loss_fn`` takes the
+    training micro-batches' loss (:func:`instruct.loss.loss_sum`, or a test's stand-in).
     """
     finished = finished_results(cfg)
     if finished is not None:
@@ -122,7 +128,7 @@ def train(cfg: DictConfig, command: Sequence[str] | None = None) -> dict[str, An
         return finished
     from instruct.compat import installed_versions
 
-    run = setup(cfg)
+    run = setup(cfg, loss_fn)
     try:
         results = run.loop()
         results["versions"] = installed_versions()  # the libraries this run trained with
@@ -382,7 +388,7 @@ def data_fingerprint(*splits: Sequence[Feature]) -> str:
     return digest.hexdigest()
 
 
-def setup(cfg: DictConfig) -> Run:
+def setup(cfg: DictConfig, loss_fn: LossFn = loss_sum) -> Run:
     """Build everything a run needs, in data-flow order; nothing trains yet."""
     from accelerate.utils import set_seed
 
@@ -489,7 +495,7 @@ def setup(cfg: DictConfig) -> Run:
     tracker.summary(info)
     samples = [prompt_and_reference(e) for e in val_examples[: t.samples]]
     run = Run(cfg, accelerator, strategy, model, tokenizer, optimizer, scheduler, tracker,
-              train_set, val_set, steps, info, samples, packed, fingerprint)  # fmt: skip
+              train_set, val_set, steps, info, samples, packed, fingerprint, loss_fn)  # fmt: skip
     if state:
         run.restore(state)
     return run
@@ -542,6 +548,7 @@ class Run:
     samples: list[tuple[Example, str]]  # validation prompts shown with replies at each eval
     packed: bool = False  # micro-batches as packed rows (see instruct.tokenize.pack)
     fingerprint: str = ""  # of the tokenised data (see data_fingerprint)
+    loss_fn: LossFn = loss_sum  # the training micro-batches' summed loss and token count
     # The loop's state: everything below is saved in each resumable checkpoint.
     step: int = 0  # optimizer steps done
     clock: Clock = field(default_factory=Clock)
@@ -691,7 +698,7 @@ class Run:
             last = k == len(micro_batches) - 1
             with self.strategy.accumulating(self.model, last):
                 with self.accelerator.autocast():
-                    loss, _ = loss_sum(self.scorer, inputs, self.cfg.trainer.fused_loss)
+                    loss, _ = self.loss_fn(self.scorer, inputs, self.cfg.trainer.fused_loss)
                 # Every multi-process backend averages gradients over processes; times
                 # world, they add up.
                 scaled = loss * (weight * world / denominator)

@@ -150,3 +150,23 @@ def run_module(module: str, *args: str, cwd: Path, input: str | None = None):
         text=True,
         timeout=600,
     )
+
+
+def assert_best_reloads(run_dir: Path, best_val_loss: float) -> None:
+    """The best checkpoint, loaded by one process, gives the validation loss it was saved at."""
+    from instruct.checkpoint import load_checkpoint
+    from instruct.data import load_splits
+    from instruct.data.features import tokenize_split
+    from instruct.validation import evaluate
+
+    model, tokenizer, cfg = load_checkpoint(run_dir / "checkpoints" / "best")
+    _, val_examples = load_splits(cfg.data, cfg.seed)
+    val_set, _ = tokenize_split(val_examples, cfg, tokenizer)
+    val_loss = evaluate(model, val_set, 8, tokenizer.pad_token_id, "cpu")
+    assert abs(val_loss - best_val_loss) <= 1e-5 * max(1.0, abs(best_val_loss))
+
+
+def best_val_loss(run_dir: Path) -> float:
+    """The validation loss the best checkpoint of ``run_dir`` was saved at."""
+    state = json.loads((run_dir / "checkpoints" / "best" / "trainer_state.json").read_text())
+    return float(state["val_loss"])

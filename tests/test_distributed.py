@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from instruct.tracking import read_offline_run
+from tests.conftest import assert_best_reloads
 
 REPO = Path(__file__).parents[1]
 
@@ -177,20 +178,6 @@ def test_deepspeed_zero3_is_refused_with_the_reason_and_our_settings_are_handed_
     }
 
 
-def assert_best_loads_in_one_process(run_dir: Path, best_val_loss: float) -> None:
-    """The best checkpoint, loaded by one process, gives the validation loss it was saved at."""
-    from instruct.checkpoint import load_checkpoint
-    from instruct.data import load_splits
-    from instruct.data.features import tokenize_split
-    from instruct.validation import evaluate
-
-    model, tokenizer, cfg = load_checkpoint(run_dir / "checkpoints" / "best")
-    _, val_examples = load_splits(cfg.data, cfg.seed)
-    val_set, _ = tokenize_split(val_examples, cfg, tokenizer)
-    val_loss = evaluate(model, val_set, 2, tokenizer.pad_token_id, "cpu")
-    assert abs(val_loss - best_val_loss) <= 1e-5 * best_val_loss
-
-
 def fsdp_unavailable() -> str | None:
     """Why FSDP cannot run on this machine's CPUs, or None."""
     import torch
@@ -267,7 +254,7 @@ def test_fsdp_shards_lora_training_and_saves_whole_checkpoints(toy_tmp, one_lora
             assert type(value) is torch.Tensor and value.shape == expected[index][key].shape
 
     assert two["best_step"] == 6
-    assert_best_loads_in_one_process(two_dir, two["best_val_loss"])
+    assert_best_reloads(two_dir, two["best_val_loss"])
 
 
 def deepspeed_unavailable() -> str | None:
@@ -327,7 +314,7 @@ def test_deepspeed_zero2_equals_one_process_and_saves_whole_checkpoints(toy_tmp,
                 torch.testing.assert_close(value, expected[index][key], rtol=1e-3, atol=1e-6)
 
     assert two["best_step"] == 6
-    assert_best_loads_in_one_process(two_dir, two["best_val_loss"])
+    assert_best_reloads(two_dir, two["best_val_loss"])
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -27,9 +28,10 @@ from instruct.checkpoint import (
     step_checkpoints,
     step_name,
 )
+from instruct.loss import loss_sum
 from instruct.tracking import read_offline_run
 from instruct.train import train
-from tests.conftest import toy_config
+from tests.conftest import assert_best_reloads, best_val_loss, toy_config
 
 REPO = Path(__file__).parents[1]
 
@@ -177,9 +179,10 @@ def test_a_signal_finishes_the_step_saves_and_prints_the_resume_command(toy_data
     assert [s for s, _ in results["train_loss_history"]] == list(range(1, 401))
 
 
-def short_run(data: Path, run_dir: Path, *extra: str) -> dict:
+def short_run(data: Path, run_dir: Path, *extra: str, **dependencies: Any) -> dict:
     return train(toy_config(data, run_dir, *LORA, "logger=none", "trainer.samples=0",
-                            "trainer.max_steps=8", "trainer.eval_every=2", *extra))  # fmt: skip
+                            "trainer.max_steps=8", "trainer.eval_every=2", *extra),
+                 **dependencies)  # fmt: skip
 
 
 @pytest.mark.slow
@@ -248,8 +251,7 @@ def test_a_save_that_fails_midway_leaves_the_previous_checkpoints(toy_data, tmp_
     monkeypatch.setattr(checkpoint, "write_config", real)
     folder = run_dir / "checkpoints"
     assert latest_complete(folder) == folder / step_name(2)
-    model, _, _ = load_checkpoint(folder / "best")
-    assert model is not None
+    assert_best_reloads(run_dir, best_val_loss(run_dir))
     resumed = short_run(toy_data, run_dir, "trainer.resume=auto")
     assert [s for s, _ in resumed["train_loss_history"]] == list(range(1, 9))
 
@@ -289,34 +291,31 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoints(toy_data, tmp_pat
     folder = run_dir / "checkpoints"
     assert (folder / f".{step_name(4)}.tmp").is_dir()  # the save it was killed in
     assert latest_complete(folder) == folder / step_name(2)
-    model, _, cfg = load_checkpoint(folder / "best")
-    assert cfg.trainer.max_steps == 8 and model is not None
+    _, _, cfg = load_checkpoint(folder / "best")
+    assert cfg.trainer.max_steps == 8
+    assert_best_reloads(run_dir, best_val_loss(run_dir))
     resumed = short_run(toy_data, run_dir, "trainer.resume=auto")
     assert [s for s, _ in resumed["train_loss_history"]] == list(range(1, 9))
     assert not (folder / f".{step_name(4)}.tmp").exists()  # cleaned up by the next save
 
 
 @pytest.mark.slow
-def test_nan_loss_stops_with_the_step_and_keeps_the_best(toy_data, tmp_path, monkeypatch):
-    import instruct.train as train_module
-
+def test_nan_loss_stops_with_the_step_and_keeps_the_best(toy_data, tmp_path):
     run_dir = tmp_path / "run"
-    real, calls = train_module.loss_sum, []
+    calls: list[bool] = []
 
     def poisoned(model, batch, fused=True):
-        loss, n = real(model, batch, fused)
+        loss, n = loss_sum(model, batch, fused)
         calls.append(model.training)
         if sum(calls) == 5:  # the fifth training micro-batch: step 5
             loss = loss * float("nan")
         return loss, n
 
-    monkeypatch.setattr(train_module, "loss_sum", poisoned)
     with pytest.raises(FloatingPointError, match="step 5: training loss is nan"):
-        short_run(toy_data, run_dir)
+        short_run(toy_data, run_dir, loss_fn=poisoned)
     state = json.loads((run_dir / "checkpoints" / "best" / "trainer_state.json").read_text())
     assert state["step"] <= 4 and state["val_loss"] == state["val_loss"]  # finite, not NaN
-    model, _, _ = load_checkpoint(run_dir / "checkpoints" / "best")
-    assert model is not None
+    assert_best_reloads(run_dir, state["val_loss"])
 
 
 @pytest.mark.slow
