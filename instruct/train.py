@@ -388,29 +388,12 @@ def data_fingerprint(*splits: Sequence[Feature]) -> str:
     return digest.hexdigest()
 
 
-def setup(cfg: DictConfig, loss_fn: LossFn = loss_sum) -> Run:
-    """Build everything a run needs, in data-flow order; nothing trains yet."""
-    from accelerate.utils import set_seed
-
-    if not cfg.run_dir:
-        raise ValueError("run_dir: set it (the CLI takes it from Hydra's run folder)")
-    check(cfg)
-    if eval_enabled(cfg.eval):  # a bad suite name fails now, not after training
-        check_eval(cfg.eval)
+def prepare_data(
+    cfg: DictConfig, tokenizer: Any, accelerator: Any
+) -> tuple[list[Feature], list[Feature], dict[str, Any], list[Example]]:
+    """The tokenised train and validation splits, their counts for ``results.json`` (per
+    mixture source too), and the validation examples (whose prompts are the samples)."""
     t = cfg.trainer
-    point = resume_point(cfg)
-    if point is not None:
-        check_resume_config(cfg, point)
-    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-    set_seed(cfg.seed)
-    if t.keep_freed_memory and keep_freed_memory():
-        log.info("trainer.keep_freed_memory: freed memory is reused, not returned to the OS")
-    accelerator = new_accelerator(PRECISIONS[Precision(t.precision)])
-
-    with accelerator.local_main_process_first():  # converted-model cache: one writer a node
-        model, tokenizer = base_model_of(cfg.model)
-    new_token_ids = fit_tokenizer(model, tokenizer, cfg.template)
-    attention = use_packed_attention(model) if t.packing else None
     train_examples, val_examples = load_splits(cfg.data, cfg.seed)
     log.info(
         "data: %d train / %d validation examples (seed %d)",
@@ -438,6 +421,80 @@ def setup(cfg: DictConfig, loss_fn: LossFn = loss_sum) -> Run:
                 f"{name} examples have no response token within trainer.max_length="
                 f"{t.max_length}; raise trainer.max_length"
             )
+    data_info = {
+        "train": vars(train_stats),
+        "validation": vars(val_stats),
+        "provenance": provenance(cfg.data),
+        **({"sources": sources} if sources else {}),
+    }
+    return train_set, val_set, data_info, val_examples
+
+
+def resumed_state(
+    point: Path | None,
+    accelerator: Any,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    strategy: Strategy,
+    fingerprint: str,
+) -> dict[str, Any]:
+    """The loop state of the checkpoint at ``point``, its weights and optimizer state loaded
+    into the run's; empty for a fresh run."""
+    if point is None:
+        return {}
+    unwrapped = accelerator.unwrap_model(model)
+    state = load_state(point, unwrapped, optimizer, scheduler, accelerator.scaler, strategy)
+    if state["data_fingerprint"] != fingerprint:
+        raise ValueError(
+            f"trainer.resume: the tokenised data differ from those {point} was trained on "
+            "(a data file or the tokenizer changed); an exact resume needs the same data"
+        )
+    return state
+
+
+def run_tracker(cfg: DictConfig, accelerator: Any, run_id: str | None, step: int | None) -> Any:
+    """W&B and the local metrics on the main process (one writer), continuing run ``run_id``
+    from ``step`` on resume; a silent tracker on the others."""
+    if not accelerator.is_main_process:
+        return Tracker.silent()
+    tracker = start_tracking(cfg.logger, Path(cfg.run_dir), to_container(cfg), run_id=run_id)
+    if step is not None:
+        tracker.rewind(step)
+    return tracker
+
+
+def checked_start(cfg: DictConfig) -> Path | None:
+    """Check the config (and the eval suites, so a bad name fails before training) and find
+    the checkpoint to resume from, checked against the config; None for a fresh run."""
+    if not cfg.run_dir:
+        raise ValueError("run_dir: set it (the CLI takes it from Hydra's run folder)")
+    check(cfg)
+    if eval_enabled(cfg.eval):
+        check_eval(cfg.eval)
+    point = resume_point(cfg)
+    if point is not None:
+        check_resume_config(cfg, point)
+    return point
+
+
+def setup(cfg: DictConfig, loss_fn: LossFn = loss_sum) -> Run:
+    """Build everything a run needs, in data-flow order; nothing trains yet."""
+    from accelerate.utils import set_seed
+
+    t = cfg.trainer
+    point = checked_start(cfg)
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    set_seed(cfg.seed)
+    if t.keep_freed_memory and keep_freed_memory():
+        log.info("trainer.keep_freed_memory: freed memory is reused, not returned to the OS")
+    accelerator = new_accelerator(PRECISIONS[Precision(t.precision)])
+
+    with accelerator.local_main_process_first():  # converted-model cache: one writer a node
+        model, tokenizer = base_model_of(cfg.model)
+    new_token_ids = fit_tokenizer(model, tokenizer, cfg.template)
+    attention = use_packed_attention(model) if t.packing else None
+    train_set, val_set, data_info, val_examples = prepare_data(cfg, tokenizer, accelerator)
 
     model = apply_lora(model, cfg.lora, new_token_ids)
     trainable, total = count_parameters(model)
@@ -461,31 +518,12 @@ def setup(cfg: DictConfig, loss_fn: LossFn = loss_sum) -> Run:
         model, t, cfg.optimizer.max_grad_norm, build, fits_packing
     )
     fingerprint = data_fingerprint(train_set, val_set)
-    state: dict[str, Any] = {}
-    if point is not None:
-        unwrapped = accelerator.unwrap_model(model)
-        state = load_state(point, unwrapped, optimizer, scheduler, accelerator.scaler, strategy)
-        if state["data_fingerprint"] != fingerprint:
-            raise ValueError(
-                f"trainer.resume: the tokenised data differ from those {point} was trained on "
-                "(a data file or the tokenizer changed); an exact resume needs the same data"
-            )
+    state = resumed_state(point, accelerator, model, optimizer, scheduler, strategy, fingerprint)
+    if state:
         log.info("resuming from %s (step %d of %d)", point, state["step"], steps)
-    if accelerator.is_main_process:  # one writer: W&B, metrics, results and checkpoints
-        tracker = start_tracking(
-            cfg.logger, Path(cfg.run_dir), to_container(cfg), run_id=state.get("wandb_run_id")
-        )
-        if point is not None:
-            tracker.rewind(state["step"])
-    else:
-        tracker = Tracker.silent()
+    tracker = run_tracker(cfg, accelerator, state.get("wandb_run_id"), state.get("step"))
     info = {
-        "data": {
-            "train": vars(train_stats),
-            "validation": vars(val_stats),
-            "provenance": provenance(cfg.data),
-            **({"sources": sources} if sources else {}),
-        },
+        "data": data_info,
         "trainable_parameters": trainable,
         "total_parameters": total,
         "world_size": accelerator.num_processes,
@@ -723,14 +761,7 @@ class Run:
         if stop:
             raise Interrupted(stop[0], self.step, self.save_resumable())
         world = self.accelerator.num_processes
-        schedule = step_batches(
-            len(self.train_set), t.batch_size * world, t.grad_accum, self.cfg.seed
-        )
-        for _ in range(self.step):  # the batches a resumed run already trained on
-            next(schedule)
-        if self.rng is not None:  # as they were right after the checkpoint's step
-            set_rng_state(self.rng)
-            self.rng = None
+        schedule = self.remaining_batches()
         every = t.checkpoint_every or t.eval_every
         self.model.train()
         recent = deque((loss for _, loss in self.history["train"][-10:]), maxlen=10)
@@ -752,17 +783,7 @@ class Run:
             self.history["train"].append([step, train_loss])
             recent.append(train_loss)
             if step % t.log_every == 0 or step == self.steps:
-                self.tracker.log(
-                    {
-                        "train/loss": train_loss,
-                        "train/lr": self.scheduler.get_last_lr()[0],
-                        "train/grad_norm": grad_norm,
-                        "train/epoch": epoch,
-                        "train/tokens_per_s": n_tok / seconds,
-                        "train/supervised_tokens_per_s": n_sup / seconds,
-                    },
-                    step,
-                )
+                self.log_step(step, epoch, train_loss, grad_norm, n_tok / seconds, n_sup / seconds)
             self.clock.train_seconds += time.perf_counter() - step_start
             if step % t.eval_every == 0 or step == self.steps:
                 self.validate(step)
@@ -777,6 +798,46 @@ class Run:
                 loss=f"{sum(recent) / len(recent):.3f}", val=f"{self.history['val'][-1][1]:.3f}"
             )
         bar.close()
+        return self.results()
+
+    def remaining_batches(self) -> Iterator[tuple[int, list[list[int]]]]:
+        """The step schedule from ``self.step`` on; on a resume, the random generators as
+        they were right after the checkpoint's step."""
+        t, world = self.cfg.trainer, self.accelerator.num_processes
+        schedule = step_batches(
+            len(self.train_set), t.batch_size * world, t.grad_accum, self.cfg.seed
+        )
+        for _ in range(self.step):  # the batches a resumed run already trained on
+            next(schedule)
+        if self.rng is not None:
+            set_rng_state(self.rng)
+            self.rng = None
+        return schedule
+
+    def log_step(
+        self,
+        step: int,
+        epoch: int,
+        train_loss: float,
+        grad_norm: float,
+        tokens_per_s: float,
+        supervised_per_s: float,
+    ) -> None:
+        self.tracker.log(
+            {
+                "train/loss": train_loss,
+                "train/lr": self.scheduler.get_last_lr()[0],
+                "train/grad_norm": grad_norm,
+                "train/epoch": epoch,
+                "train/tokens_per_s": tokens_per_s,
+                "train/supervised_tokens_per_s": supervised_per_s,
+            },
+            step,
+        )
+
+    def results(self) -> dict[str, Any]:
+        """What ``results.json`` holds of the loop (the W&B summary gets the best)."""
+        t = self.cfg.trainer
         summary = {"best_val_loss": self.best_val_loss, "best_step": self.best_step}
         self.tracker.summary(summary)
         return {
