@@ -233,7 +233,7 @@ class DropoutDraw(StrEnum):
     """How fused LoRA layers draw dropout on the CPU (instruct.kernels.dropout.DropoutDrawer);
     the same distribution either way. GPUs always draw a mask."""
 
-    auto = "auto"  # positions below dropout 0.2 (instruct.model.POSITIONS_BELOW), else mask
+    auto = "auto"  # positions below rate instruct.kernels.dropout.POSITIONS_BELOW (0.2), else mask
     positions = "positions"  # the positions of the dropped elements, zeroed in a copy of the input
     mask = "mask"  # a boolean mask of every element
 
@@ -426,8 +426,8 @@ class EvalConfig:
     lm_eval: LmEvalSuiteConfig = field(default_factory=LmEvalSuiteConfig)
     base: bool = True  # score the base model too (cached per model, template and suite)
     # Replies generated at once. A decoding step reads every weight whatever the rows, so
-    # more rows cost little more: 100 quick replies of SmolLM2-135M on 2 CPU cores took 244 s
-    # at 32 rows and 182 s at 64 (170 s at 100), the same replies.
+    # more rows cost little more, and on the CPU the same replies took less time at 64 rows
+    # than at 32. (measured: docs/performance.md, "Measurements behind design choices")
     batch_size: int = 64
     max_new_tokens: int = 512
     bootstrap_samples: int = 1000

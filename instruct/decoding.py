@@ -192,13 +192,12 @@ def merged_adapter(model: Any) -> Iterator[Any]:
     """``model`` with its LoRA adapters merged into the base weights while inside, restored
     bit for bit on leaving.
 
-    Unmerged, each adapted linear layer computes its base product plus two small ones: on
-    SmolLM2-135M (LoRA on every linear layer) 32 eval replies took 17% longer unmerged
-    (139.0 s against 118.8 s, the same replies). peft's ``unmerge_adapter`` subtracts
-    what it added, which leaves rounding in the weights, so the touched base parameters are
-    copied to the CPU first and written back. Left as it is: a model without adapters, one
-    whose base weights are quantised or not plain tensors, and one of several processes
-    (sharded weights).
+    Unmerged, each adapted linear layer computes its base product plus two small ones, and
+    the same eval replies took noticeably longer. peft's ``unmerge_adapter`` subtracts what
+    it added, which leaves rounding in the weights, so the touched base parameters are copied
+    to the CPU first and written back. Left as it is: a model without adapters, one whose
+    base weights are quantised or not plain tensors, and one of several processes (sharded
+    weights). (measured: docs/performance.md, "Measurements behind design choices")
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -378,10 +377,10 @@ def spare_layer(keys: torch.Tensor, values: torch.Tensor) -> Any:
     """A cache layer holding ``keys`` and ``values`` with spare columns after them.
 
     transformers' DynamicLayer appends a step's key and value with ``torch.cat``, a copy of
-    the whole cache: 17% of a SmolLM2-135M step at 8 rows x 300 columns in a profile, and
-    112.3 s -> 107.2 s on the 36-prompt benchmark (one pair of runs). This one writes the new
-    column into room reserved beforehand, and reserves :data:`SPARE_COLUMNS` more when it runs
-    out, so the cache is copied once every that many steps.
+    the whole cache at every step, a sizeable share of a decoding step. This one writes the
+    new column into room reserved beforehand, and reserves :data:`SPARE_COLUMNS` more when it
+    runs out, so the cache is copied once every that many steps.
+    (measured: docs/performance.md, "Measurements behind design choices")
     """
     layer = spare_layer_class()()
     layer.device, layer.dtype, layer.is_initialized = keys.device, keys.dtype, True

@@ -82,10 +82,11 @@ def tokenizer_corpus() -> Iterator[str]:
 def build_tiny_tokenizer(
     vocab_size: int, special_tokens: Sequence[str] = TINY_SPECIAL_TOKENS
 ) -> Any:
-    """A real byte-level BPE tokenizer (GPT-2 style), trained in-process in well under 1 s.
+    """A real byte-level BPE tokenizer (GPT-2 style), trained in-process, which is quick.
 
     Training is deterministic for a fixed corpus, so every run gets the same vocabulary. The
     first special token is EOS and pad.
+    (measured: docs/performance.md, "Measurements behind design choices")
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -202,10 +203,11 @@ def locate_gguf(cfg: Any) -> Path:
 
 
 def convert_gguf(file: Path, out: Path) -> None:
-    """Dequantise a GGUF model once into a float32 safetensors folder (about 20 s for 135M).
+    """Dequantise a GGUF model once into a float32 safetensors folder, since it takes a while.
 
     transformers refuses ``save_pretrained`` on a model loaded from GGUF, so the weights are
     written with safetensors directly and the GGUF marker is dropped from the config.
+    (measured: docs/performance.md, "Measurements behind design choices")
     """
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer

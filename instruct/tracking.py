@@ -230,7 +230,8 @@ def init_online(kwargs: dict[str, Any], timeout: float) -> Any:
         kwargs["dir"],
     )
     # Offline for this process's W&B as a whole, not only this run: its telemetry would
-    # otherwise try the server again at exit (10 s more for a silent one).
+    # otherwise try the server again at exit, waiting on a silent one.
+    # (measured: docs/performance.md, "Measurements behind design choices")
     wandb.setup(wandb.Settings(mode="offline"))
     return wandb.init(mode="offline", **kwargs)
 
@@ -239,7 +240,8 @@ def silent_server(url: str, timeout: float) -> str | None:
     """Why ``url`` gives no HTTP answer within ``timeout`` seconds; None when it answers.
 
     Asked first because ``wandb.init`` would retry a refused or silent server until its
-    ``init_timeout``, and W&B's telemetry would wait on it again at exit (20 s measured).
+    ``init_timeout``, and W&B's telemetry would wait on it again at exit
+    (measured: docs/performance.md, "Measurements behind design choices").
     Any HTTP status is an answer, and so is a TLS error (a private CA that only W&B is told
     of): ``wandb.init`` then says what is wrong. Proxies in the environment are used.
     """

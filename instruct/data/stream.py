@@ -3,8 +3,9 @@ as Python objects (a million Alpaca-sized rows from Parquet).
 
 Each batch of examples is rendered and tokenised with the trainer's own functions
 (:func:`instruct.templates.render_many`, :func:`instruct.tokenize.prepare`), then kept only
-as packed arrays (3 bytes a token); the batch's dicts, messages and texts are freed before
-the next batch is read. ``bench/bench_train.py --workloads prep_1m`` measures it beside TRL.
+as packed arrays (a few bytes a token); the batch's dicts, messages and texts are freed
+before the next batch is read. ``bench/bench_train.py --workloads prep_1m`` measures it beside
+TRL. (measured: docs/performance.md, "Measurements behind design choices")
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from instruct.kernels.memory import gc_paused
 
 @dataclass(eq=False)
 class StreamedFeatures(Sequence):
-    """Features of many batches in 3 bytes a token, with no Python object per example.
+    """Features of many batches in a few bytes a token, with no Python object per example.
 
     Each batch is kept as its token ids end to end (uint16 when the vocabulary fits, as
     SmolLM2's 49,152 tokens do; else int32), a trained-token mask (the label of a trained
@@ -94,8 +95,9 @@ def prepare_stream(
     The same features and counts as :func:`instruct.tokenize.prepare` on all the examples at
     once (its drops, truncation and labels), with two batches of Python objects at a time:
     a worker thread reads and renders the next batch while this one is tokenised (the Rust
-    tokenizer releases the GIL), so the reading and rendering (a fifth of the time on one
-    core) hide behind the tokenising.
+    tokenizer releases the GIL), so the reading and rendering (a sizeable share of the time
+    on one core) hide behind the tokenising.
+    (measured: docs/performance.md, "Measurements behind design choices")
 
     ``train_on`` and ``train_on_prompt`` choose the trained turns as in training
     (:func:`instruct.turns.select`). Loss weights other than 1 (``weight`` with

@@ -94,7 +94,8 @@ def _sentence_tokenizer() -> PunktSentenceTokenizer:
 @dataclass(frozen=True)
 class TextTools:
     """What checkers count and detect with; built once per scoring run, since loading
-    langdetect's 55 language profiles takes about a second."""
+    langdetect's language profiles is slow.
+    (measured: docs/performance.md, "Measurements behind design choices")"""
 
     splitter: str  # sentence_splitter()'s name for ``sentences``
     sentences: PunktSentenceTokenizer

@@ -564,7 +564,8 @@ class LmEvalSuite(Suite):
             raise ValueError(f"eval.lm_eval.include_path is not set. {HOW_TO_BE_LOCAL}")
         include = str(Path(c.include_path).expanduser().resolve())
         # lm-eval's own task folder is not indexed: its tasks download their data from the
-        # Hub, and indexing its ~15,000 YAMLs takes tens of seconds.
+        # Hub, and indexing its many thousands of YAMLs is slow.
+        # (measured: docs/performance.md, "Measurements behind design choices")
         manager = TaskManager(include_path=include, include_defaults=False)
         objects, tasks = load_tasks(manager, list(c.tasks))
 

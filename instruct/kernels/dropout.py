@@ -14,8 +14,9 @@ import torch
 
 from instruct.config import DropoutDraw
 
-# Below this rate the CPU draws dropout as the positions of the dropped elements. At 0.2 both
-# ways took the same time (fwd + bwd of 576->576 and 1536->576 LoRA layers on 2,000 rows).
+# Below this rate the CPU draws dropout as the positions of the dropped elements; at this rate
+# both ways took the same time in LoRA layers, forward and backward.
+# (measured: docs/performance.md, "Measurements behind design choices")
 POSITIONS_BELOW = 0.2
 
 
@@ -62,10 +63,11 @@ class DropoutDrawer:
         """A boolean dropout mask: each element ``True`` with probability ``1 - p``.
 
         torch draws CPU random numbers on one core however many it has, and LoRA draws a mask
-        for the input of every adapted layer (a seventh of a SmolLM2 LoRA step on 2 cores). On
+        for the input of every adapted layer (a sizeable share of a LoRA step on the CPU). On
         the CPU every thread fills its share from its own generator, seeded from torch's
         global one, so a seed still fixes every mask and a checkpoint of torch's RNG state
         fixes the rest of a run.
+        (measured: docs/performance.md, "Measurements behind design choices")
         """
         if torch.device(device).type != "cpu":
             return torch.rand(shape, device=device) >= p
@@ -82,7 +84,8 @@ class DropoutDrawer:
     ) -> torch.Tensor:
         """A CPU dropout mask drawn in shares by up to torch's thread count, each share by its
         own NumPy SFC64 generator: 32 random bits an element, kept when they are at least
-        ``p * 2**32`` (torch's float ``uniform_`` has 24 bits; SFC64 draws ~2.5x faster)."""
+        ``p * 2**32`` (torch's float ``uniform_`` has 24 bits, and SFC64 draws faster).
+        (measured: docs/performance.md, "Measurements behind design choices")"""
         import numpy as np
 
         threads = torch.get_num_threads()
@@ -112,8 +115,8 @@ class DropoutDrawer:
         1`` with ``E`` standard exponential and ``rate = -log(1 - p)``. That is about
         ``n * p`` random numbers rather than ``n``, drawn ``batch`` at a time (by default
         enough for all but a 6-sigma excess). One thread: drawing in two shares on two
-        threads was no faster (750k elements at rate 0.05: 0.28 ms against 0.29 ms with
-        NumPy's geometric sampler, which is also twice as slow as these exponentials).
+        threads was no faster, and NumPy's geometric sampler is slower than these
+        exponentials. (measured: docs/performance.md, "Measurements behind design choices")
         """
         import numpy as np
 

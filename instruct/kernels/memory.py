@@ -39,11 +39,11 @@ def keep_freed_memory() -> bool:
     """Make glibc's malloc keep freed memory for reuse; whether it applied.
 
     By default glibc serves every allocation above 128 KiB with its own ``mmap`` and returns
-    it on free, so each training step's activations (gigabytes) fault in fresh zeroed pages:
-    measured on a SmolLM2 LoRA step on CPU, 200-380 thousand faults and about a tenth of the
-    step. With a high mmap threshold and no trimming, a step reuses the previous step's
-    memory. The peak is the same; the memory is just not handed back between steps. Not glibc
-    (macOS, Windows, musl): nothing to do.
+    it on free, so each training step's activations (gigabytes) fault in fresh zeroed pages,
+    a noticeable share of a LoRA step on the CPU. With a high mmap threshold and no trimming,
+    a step reuses the previous step's memory. The peak is the same; the memory is just not
+    handed back between steps. Not glibc (macOS, Windows, musl): nothing to do.
+    (measured: docs/performance.md, "Measurements behind design choices")
     """
     import ctypes
     import ctypes.util
@@ -65,10 +65,10 @@ def gc_paused() -> Iterator[None]:
     """No cyclic garbage collection inside the block.
 
     Building tens of thousands of small objects (messages, rendered texts, a stream's
-    batches) triggers full collections, and each walks every object the process holds:
-    about 0.13 s with torch and transformers loaded, 0.15 of the 1.7 s that 20,000 examples
-    take. Nothing built there forms reference cycles, so nothing is left for the collector
-    to find.
+    batches) triggers full collections, and each walks every object the process holds, which
+    with torch and transformers loaded is a sizeable share of building a split. Nothing built
+    there forms reference cycles, so nothing is left for the collector to find.
+    (measured: docs/performance.md, "Measurements behind design choices")
     """
     enabled = gc.isenabled()
     gc.disable()

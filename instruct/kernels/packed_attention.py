@@ -42,8 +42,9 @@ def packed_attention(
         kwargs.pop(name, None)
     dtype = value.dtype  # under autocast, rotary embeddings may have made q and k fp32
     if query.device.type == "cpu":
-        # torch's CPU kernels run short bf16 sequences about 1.7x slower than fp32 ones
-        # (fwd + bwd at 80-160 tokens), and fp32 is the more exact of the two.
+        # torch's CPU kernels run short bf16 sequences slower than fp32 ones, forward and
+        # backward, and fp32 is the more exact of the two.
+        # (measured: docs/performance.md, "Measurements behind design choices")
         query, key, value = query.float(), key.float(), value.float()
     edges = bounds.tolist()
     with torch.autocast(query.device.type, enabled=query.device.type != "cpu"):

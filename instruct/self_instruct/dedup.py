@@ -2,7 +2,8 @@
 
 A candidate is rejected when its ROUGE-L F-measure with any instruction already in the pool is
 >= a threshold (0.7 in Self-Instruct and Alpaca). The naive pass scores every pair with
-``rouge-score`` (~34 µs a pair, so 5,000 candidates against a 5,000 pool take 9-14 minutes).
+``rouge-score``, which is slow: its cost grows with candidates times pool size.
+(measured: docs/performance.md, "Measurements behind design choices")
 
 :class:`RougeIndex` gives the same decisions while computing few exact scores. Two bounds, both
 exact, decide which pool items can reach the threshold:
