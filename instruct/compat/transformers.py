@@ -32,7 +32,7 @@ def mark_fsdp_managed(module: Any) -> None:
     """Make ``module.generate`` run with ``synced_gpus`` on two or more processes.
 
     Private: the public ``generate(synced_gpus=True)`` would have to be passed by every
-    caller of ``instruct.generate.generate`` (training samples, evaluation) while the model is
+    caller of ``instruct.decoding.generate`` (training samples, evaluation) while the model is
     sharded; the mark, which stays on the module, is what transformers itself checks.
     """
     module._is_fsdp_managed_module = True
