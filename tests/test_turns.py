@@ -486,6 +486,7 @@ def test_a_weight_zero_turn_contributes_nothing(templates, tiny):
 def test_a_step_divides_by_the_weights_of_every_micro_batch(templates, tiny):
     """Run.step_once over two micro-batches: the step's loss is sum(w * loss) / sum(w) of
     all of them, and so is its gradient (an SGD step of lr 1 moves each weight by it)."""
+    from instruct.loss import loss_sum
     from instruct.parallel import strategy_for
     from instruct.train import Run, new_accelerator
 
@@ -506,6 +507,7 @@ def test_a_step_divides_by_the_weights_of_every_micro_batch(templates, tiny):
         strategy=strategy_for(accelerator),
         model=model,
         scorer=model,
+        loss_fn=loss_sum,
         packed=True,
         optimizer=optimizer,
         scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
