@@ -8,7 +8,7 @@
         --new-batch-size 64 --threads 0 --repeats 1    # IFEval prompts, eval's batch
 
 Both sides decode the same prompts greedily (each record as one user turn through
-``instruct.templates.to_messages``, the model's default template), ``--max-new-tokens`` 256,
+``instruct.data.templates.to_messages``, the model's default template), ``--max-new-tokens`` 256,
 ``--batch-size`` 8. The baseline is a verbatim copy of the generation loop before the pool:
 ``model.generate`` on consecutive batches of the file, left-padded, each row cut at its first
 stop id afterwards. The sides alternate within each repeat; the table shows medians, the
@@ -37,9 +37,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from instruct.config import compose  # noqa: E402
+from instruct.data.templates import Message, render_many, stop_tokens, to_messages  # noqa: E402
 from instruct.decoding import generate, generation_kwargs  # noqa: E402
 from instruct.model import build_model, fit_tokenizer  # noqa: E402
-from instruct.templates import Message, render_many, stop_tokens, to_messages  # noqa: E402
 
 # 36 varied prompts (explanations, code, maths, writing; with and without an input).
 DEFAULT_PROMPTS = REPO / "tests" / "fixtures" / "varied_prompts.jsonl"

@@ -266,7 +266,7 @@ def features_and_prompts(
     Both come from one rendering by our template code, so both sides tokenise the same text.
     """
     from instruct.data import load_records
-    from instruct.templates import render_many, to_messages
+    from instruct.data.templates import render_many, to_messages
     from instruct.train import tokenize_split
 
     cfg = compose_run()
@@ -789,7 +789,7 @@ def write_prep_1m_data(out: Path, n: int, tokenizer: Any) -> dict[str, Any]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from instruct.templates import render_many, to_messages
+    from instruct.data.templates import render_many, to_messages
 
     template = compose_run().template
     alpaca, trl = out / "alpaca.parquet", out / "trl.parquet"

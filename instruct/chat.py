@@ -3,7 +3,7 @@
 The whole conversation is rendered with the training template at every turn, so the model
 sees its earlier replies as it saw assistant turns in training. A line that quotes a
 special-token string (``<|im_end|>``) is sent as text, as training encodes it: a user cannot
-end a turn or forge one (:mod:`instruct.content`). ``/reset`` clears the history, ``/exit``
+end a turn or forge one (:mod:`instruct.data.content`). ``/reset`` clears the history, ``/exit``
 (or end of input) quits.
 """
 
@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from instruct.data.templates import Message
 from instruct.decoding import generate, load_for_inference
 from instruct.entry import hydra_main
-from instruct.templates import Message
 
 
 def chat_loop(

@@ -23,7 +23,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 
 class TemplateKind(StrEnum):
-    """How a template renders (instruct.templates)."""
+    """How a template renders (instruct.data.templates)."""
 
     format = "format"  # from the format strings of TemplateConfig
     native = "native"  # the tokenizer's own chat_template
@@ -58,7 +58,7 @@ class TemplateConfig:
 
 
 class TrainOn(StrEnum):
-    """Which assistant turns are trained (instruct.turns)."""
+    """Which assistant turns are trained (instruct.data.turns)."""
 
     all_assistant = "all_assistant"  # every reply
     last_assistant = "last_assistant"  # only each conversation's last reply

@@ -20,9 +20,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from instruct.data.batching import padded
+from instruct.data.templates import Message, render_many, stop_tokens
+from instruct.data.tokenize import token_ids
 from instruct.modes import evaluating
-from instruct.templates import Message, render_many, stop_tokens
-from instruct.tokenize import padded, token_ids
 
 SPARE_COLUMNS = 64  # the cache is copied every 64 steps rather than every step
 
@@ -100,7 +101,7 @@ def prompt_ids(
 ) -> list[list[int]]:
     """Each conversation's prompt as token ids: rendered as in training, up to where the
     model starts its reply. A special-token string inside a message is encoded as text, so
-    a user cannot forge turns (:mod:`instruct.content`)."""
+    a user cannot forge turns (:mod:`instruct.data.content`)."""
     rendered = render_many(conversations, template, tokenizer, add_generation_prompt=True)
     return token_ids(rendered, tokenizer)
 

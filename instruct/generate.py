@@ -10,9 +10,9 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from instruct.data.templates import to_messages
 from instruct.decoding import generate, load_for_inference
 from instruct.entry import hydra_main
-from instruct.templates import to_messages
 
 
 def prompt_messages(template: Any, prompt: str, input: str | None, system: str | None):

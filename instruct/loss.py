@@ -1,6 +1,6 @@
 """The response-only loss: summed cross-entropy at supervised positions.
 
-A batch with ``weights`` (per-token loss weights, :mod:`instruct.turns`) sums ``w * loss``
+A batch with ``weights`` (per-token loss weights, :mod:`instruct.data.turns`) sums ``w * loss``
 and counts ``sum(w)`` instead, so the mean the caller forms is the weighted mean; a batch
 without them takes exactly the unweighted path.
 
@@ -20,8 +20,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from instruct.data.tokenize import IGNORE_INDEX
 from instruct.kernels.fused_ce import linear_cross_entropy
-from instruct.tokenize import IGNORE_INDEX
 
 NOT_INPUTS = ("labels", "weights")  # batch keys the loss reads, never the model
 

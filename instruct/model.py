@@ -20,9 +20,9 @@ from typing import Any
 import torch
 
 from instruct.config import Dtype
+from instruct.data.templates import chat_template, stop_tokens
 from instruct.kernels.dropout import DropoutDrawer
 from instruct.kernels.fused_lora import fuse_lora
-from instruct.templates import chat_template, stop_tokens
 
 log = logging.getLogger(__name__)
 

@@ -51,12 +51,15 @@ from instruct.checkpoint import (
 )
 from instruct.config import Precision, check, to_container
 from instruct.data import Example, load_splits, prompt_and_reference, provenance
+from instruct.data.batching import batch
 from instruct.data.features import (  # noqa: F401 - two names kept importable from here
     DROPPED_NAMED,
     describe,
     tokenize_by_source,
     tokenize_split,
 )
+from instruct.data.templates import to_messages
+from instruct.data.tokenize import Feature
 from instruct.decoding import generate
 from instruct.eval.runner import check_eval, eval_enabled
 from instruct.kernels.memory import keep_freed_memory
@@ -67,11 +70,6 @@ from instruct.optim import build_optimizer, build_scheduler
 from instruct.parallel import Strategy, strategy_for
 from instruct.parallel.base import all_ranks_sum
 from instruct.parallel.launch import new_accelerator
-from instruct.templates import to_messages
-from instruct.tokenize import (
-    Feature,
-    batch,
-)
 from instruct.tracking import Tracker, start_tracking
 from instruct.validation import evaluate, to_device
 
@@ -584,7 +582,7 @@ class Run:
     steps: int
     info: dict[str, Any]
     samples: list[tuple[Example, str]]  # validation prompts shown with replies at each eval
-    packed: bool = False  # micro-batches as packed rows (see instruct.tokenize.pack)
+    packed: bool = False  # micro-batches as packed rows (see instruct.data.batching.pack)
     fingerprint: str = ""  # of the tokenised data (see data_fingerprint)
     loss_fn: LossFn = loss_sum  # the training micro-batches' summed loss and token count
     # The loop's state: everything below is saved in each resumable checkpoint.

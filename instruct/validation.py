@@ -9,10 +9,11 @@ from typing import Any
 
 import torch
 
+from instruct.data.batching import batch
+from instruct.data.tokenize import Feature
 from instruct.loss import loss_sum
 from instruct.modes import evaluating
 from instruct.parallel.base import all_ranks_sum
-from instruct.tokenize import Feature, batch
 
 
 def to_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:

@@ -69,7 +69,7 @@ def test_every_model_option_names_a_builder():
 
 @pytest.mark.slow
 def test_every_template_option_builds_and_renders(templates, tokenizer):
-    from instruct.templates import render
+    from instruct.data.templates import render
 
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     for name, t in templates.items():

@@ -124,7 +124,7 @@ def test_empty_inputs_are_skipped_and_said(evaluated_run, tmp_path):
 
 
 def test_tokenising_no_conversations_gives_no_features(tokenizer):
-    from instruct.tokenize import prepare
+    from instruct.data.tokenize import prepare
 
     features, stats = prepare([], tokenizer, 64)
     assert features == [] and stats.examples == stats.kept == 0

@@ -13,6 +13,8 @@ from transformers import AutoTokenizer
 
 from instruct.checkpoint import load_checkpoint
 from instruct.config import compose
+from instruct.data.templates import render, render_many, stop_tokens, to_messages
+from instruct.data.tokenize import IGNORE_INDEX, encode
 from instruct.decoding import (
     chooser,
     decode_pool,
@@ -23,8 +25,6 @@ from instruct.decoding import (
 )
 from instruct.generate import prompt_messages
 from instruct.model import build_model, fit_tokenizer
-from instruct.templates import render, render_many, stop_tokens, to_messages
-from instruct.tokenize import IGNORE_INDEX, encode
 from tests.conftest import run_module
 
 EXAMPLES = [

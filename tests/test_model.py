@@ -8,6 +8,9 @@ from peft import PeftModel
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from instruct.config import compose
+from instruct.data.batching import collate
+from instruct.data.templates import render, to_messages
+from instruct.data.tokenize import prepare
 from instruct.loss import loss_sum
 from instruct.model import (
     apply_lora,
@@ -17,8 +20,6 @@ from instruct.model import (
     count_parameters,
     fit_tokenizer,
 )
-from instruct.templates import render, to_messages
-from instruct.tokenize import collate, prepare
 
 
 def small_llama(vocab: int) -> LlamaForCausalLM:

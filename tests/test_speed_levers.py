@@ -12,9 +12,10 @@ import torch.nn.functional as F
 
 from instruct.config import compose
 from instruct.data import load_splits
+from instruct.data.batching import pack
+from instruct.data.tokenize import IGNORE_INDEX, Feature, prepare_cached
 from instruct.loss import loss_sum
 from instruct.model import build_model
-from instruct.tokenize import IGNORE_INDEX, Feature, pack, prepare_cached
 from instruct.train import train
 from tests.conftest import toy_config
 from tests.kernels.tiny import tiny
@@ -34,8 +35,8 @@ def test_pack_lays_examples_end_to_end():
 
 @pytest.mark.slow
 def test_tokenised_cache_hits_on_the_same_work_and_misses_on_any_change(tmp_path, monkeypatch):
-    import instruct.tokenize as tok_module
-    from instruct.templates import render_many, to_messages
+    import instruct.data.tokenize as tok_module
+    from instruct.data.templates import render_many, to_messages
 
     cfg = compose(["model=tiny", "template=chatml"])
     _, tokenizer = build_model(cfg.model)
@@ -62,7 +63,7 @@ def test_tokenised_cache_hits_on_the_same_work_and_misses_on_any_change(tmp_path
 def test_a_corrupt_cache_entry_is_rebuilt(tmp_path, caplog):
     cfg = compose(["model=tiny"])
     _, tokenizer = build_model(cfg.model)
-    from instruct.templates import render_many, to_messages
+    from instruct.data.templates import render_many, to_messages
 
     examples, _ = load_splits(cfg.data, cfg.seed)
     rendered = render_many([to_messages(e, cfg.template) for e in examples[:5]], cfg.template,

@@ -160,9 +160,10 @@ def test_output_layer_only_at_supervised_positions_gives_the_full_forward_loss(l
     import torch
     import torch.nn.functional as F
 
+    from instruct.data.batching import collate
+    from instruct.data.tokenize import IGNORE_INDEX
     from instruct.loss import decoder_and_head, loss_sum
     from instruct.model import apply_lora, build_model, fit_tokenizer
-    from instruct.tokenize import IGNORE_INDEX, collate
 
     cfg = compose(["model=tiny", "template=chatml", lora])
     model, tokenizer = build_model(cfg.model)

@@ -13,11 +13,11 @@ from omegaconf import DictConfig
 
 from instruct.config import TrainOn
 from instruct.data.records import Example
+from instruct.data.templates import plain_template, render_many, to_messages
+from instruct.data.tokenize import IGNORE_INDEX, Feature, PrepareStats, encode_flat, prepare_cached
+from instruct.data.turns import select
 from instruct.kernels.memory import gc_paused
 from instruct.model import cache_root
-from instruct.templates import plain_template, render_many, to_messages
-from instruct.tokenize import IGNORE_INDEX, Feature, PrepareStats, encode_flat, prepare_cached
-from instruct.turns import select
 
 DROPPED_NAMED = 5  # dropped examples named in the log and results.json; all are counted
 
@@ -74,7 +74,7 @@ def dropped_examples(
     """The examples :func:`prepare` drops, by name: nothing to train within ``max_length``.
 
     One with a non-empty reply to train (``weights``: each conversation's per-message ones,
-    :func:`instruct.turns.select`) that has no trained token even untruncated is an error,
+    :func:`instruct.data.turns.select`) that has no trained token even untruncated is an error,
     not a drop: its reply merged into the prompt's tokens, or the template wrote none of it.
     Called only when something was dropped, it encodes the split again to tell which.
     """
@@ -124,7 +124,7 @@ def describe(name: str, stats: PrepareStats) -> str:
             f"; {stats.boundary_merges} tokens cross the start or end of a trained span "
             "(BPE merged it with the text beside it), left untrained"
         )
-    if getattr(stats, "quoted_specials", 0):  # encoded as text (instruct.content)
+    if getattr(stats, "quoted_specials", 0):  # encoded as text (instruct.data.content)
         text += (
             f"; {stats.quoted_specials} examples quote special-token strings in their "
             "messages, encoded as text"

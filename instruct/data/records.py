@@ -24,6 +24,8 @@ ROLE_ALIASES = {
     "model": "assistant",
     "tool": "tool",  # a tool's result: prompt, never trained (template=native only)
 }
+# The roles of a normalised message ("tool": template=native only).
+ROLES = ("system", "user", "assistant", "tool")
 # Common public layouts, tried in order: (their key, our key).
 FIELD_ALIASES = [
     ("context", "input"),  # Dolly
@@ -118,7 +120,7 @@ TURN_KEYS = ("train", "weight")
 
 def _turn_fields(turn: Mapping[str, Any], i: int, where: str) -> dict[str, Any]:
     """A message's ``train`` (a bool) and ``weight`` (a number in [0, 1]), checked; the
-    config decides later whether they may be there (:func:`instruct.turns.turn_weights`)."""
+    config decides later whether they may be there (:func:`instruct.data.turns.turn_weights`)."""
     fields: dict[str, Any] = {}
     # None counts as absent: Parquet's struct columns hold every key for every message.
     if turn.get("train") is not None:
@@ -152,14 +154,22 @@ def _messages(turns: list[Any], where: str) -> list[dict[str, Any]]:
         content = turn.get("content")
         if content is None and "tool_calls" in extra:  # OpenAI: a tool call's content is null
             content = ""
-        if not isinstance(content, str):
-            raise DataError(f"{where}: message {i} ({role}): content must be a string")
-        if role == "system" and i != 0:
-            raise DataError(f"{where}: message {i}: a system message may only come first")
+        if problem := broken_rule(i, role, content):
+            raise DataError(f"{where}: {problem}")
         messages.append({"role": role, "content": content, **extra, **_turn_fields(turn, i, where)})
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: the conversation has no assistant message to train on")
     return messages
+
+
+def broken_rule(i: int, role: str, content: Any) -> str | None:
+    """The rule message ``i`` breaks of those every conversation keeps, else None: checked on
+    records (whose errors name file and line) and on conversations given to a template."""
+    if not isinstance(content, str):
+        return f"message {i} ({role}): content must be a string, got {type(content).__name__}"
+    if role == "system" and i != 0:
+        return f"message {i}: a system message may only come first"
+    return None
 
 
 def message_extras(turn: Mapping[str, Any], role: str, i: int, where: str) -> dict[str, Any]:

@@ -2,8 +2,8 @@
 as Python objects (a million Alpaca-sized rows from Parquet).
 
 Each batch of examples is rendered and tokenised with the trainer's own functions
-(:func:`instruct.templates.render_many`, :func:`instruct.tokenize.prepare`), then kept only
-as packed arrays (a few bytes a token); the batch's dicts, messages and texts are freed
+(:func:`instruct.data.templates.render_many`, :func:`instruct.data.tokenize.prepare`), then
+kept only as packed arrays (a few bytes a token); the batch's dicts, messages and texts are freed
 before the next batch is read. ``bench/bench_train.py --workloads prep_1m`` measures it beside
 TRL. (measured: docs/performance.md, "Measurements behind design choices")
 """
@@ -28,18 +28,18 @@ class StreamedFeatures(Sequence):
     Each batch is kept as its token ids end to end (uint16 when the vocabulary fits, as
     SmolLM2's 49,152 tokens do; else int32), a trained-token mask (the label of a trained
     token is its id) and every example's length. ``[i]`` builds example i's
-    :class:`instruct.tokenize.Feature` (int32 ids and labels, a few hundred bytes) on demand.
+    :class:`instruct.data.tokenize.Feature` (int32 ids and labels, a few hundred bytes) on demand.
     """
 
     ids: list[np.ndarray] = field(default_factory=list)  # one array a batch
     trained: list[np.ndarray] = field(default_factory=list)  # bool, one a batch
     lengths: list[np.ndarray] = field(default_factory=list)  # int64, tokens of each example
-    stats: Any = None  # instruct.tokenize.PrepareStats of everything
+    stats: Any = None  # instruct.data.tokenize.PrepareStats of everything
     _index: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def append(self, features: Sequence[Any], vocab_size: int) -> None:
-        """One batch's :class:`instruct.tokenize.Feature` list, packed."""
-        from instruct.tokenize import IGNORE_INDEX
+        """One batch's :class:`instruct.data.tokenize.Feature` list, packed."""
+        from instruct.data.tokenize import IGNORE_INDEX
 
         empty = np.zeros(0, np.int32)
         ids = np.concatenate([f.input_ids for f in features] or [empty])
@@ -68,7 +68,7 @@ class StreamedFeatures(Sequence):
         return sum(len(x) for x in self.lengths)
 
     def __getitem__(self, i: Any) -> Any:
-        from instruct.tokenize import IGNORE_INDEX, Feature
+        from instruct.data.tokenize import IGNORE_INDEX, Feature
 
         if isinstance(i, slice):
             return [self[k] for k in range(*i.indices(len(self)))]
@@ -92,7 +92,7 @@ def prepare_stream(
 ) -> StreamedFeatures:
     """Render, tokenise and truncate batch after batch; keep only their ids and labels.
 
-    The same features and counts as :func:`instruct.tokenize.prepare` on all the examples at
+    The same features and counts as :func:`instruct.data.tokenize.prepare` on all the examples at
     once (its drops, truncation and labels), with two batches of Python objects at a time:
     a worker thread reads and renders the next batch while this one is tokenised (the Rust
     tokenizer releases the GIL), so the reading and rendering (a sizeable share of the time
@@ -100,13 +100,13 @@ def prepare_stream(
     (measured: docs/performance.md, "Measurements behind design choices")
 
     ``train_on`` and ``train_on_prompt`` choose the trained turns as in training
-    (:func:`instruct.turns.select`). Loss weights other than 1 (``weight`` with
+    (:func:`instruct.data.turns.select`). Loss weights other than 1 (``weight`` with
     ``train_on=per_message``) are refused, naming the example: this packed form keeps a
     trained-token mask, no weights.
     """
-    from instruct.templates import plain_template, render_many, to_messages
-    from instruct.tokenize import prepare
-    from instruct.turns import select
+    from instruct.data.templates import plain_template, render_many, to_messages
+    from instruct.data.tokenize import prepare
+    from instruct.data.turns import select
 
     plain = plain_template(template)
     source = iter(batches)
@@ -123,7 +123,7 @@ def prepare_stream(
                 raise ValueError(
                     f"{name}: a message's weight is neither 0 nor 1, and streamed "
                     "preparation (instruct.data.stream) keeps no loss weights; prepare "
-                    "these examples with instruct.tokenize.prepare instead"
+                    "these examples with instruct.data.tokenize.prepare instead"
                 )
         return render_many(conversations, plain, tokenizer, weights=weights)
 
@@ -141,8 +141,8 @@ def prepare_stream(
 
 
 def add_stats(parts: Sequence[Any]) -> Any:
-    """Counts of several :class:`instruct.tokenize.PrepareStats` added up."""
-    from instruct.tokenize import PrepareStats
+    """Counts of several :class:`instruct.data.tokenize.PrepareStats` added up."""
+    from instruct.data.tokenize import PrepareStats
 
     kind = type(parts[0]) if parts else PrepareStats
     merged = {}

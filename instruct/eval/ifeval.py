@@ -29,8 +29,8 @@ import nltk
 from nltk.tokenize import NLTKWordTokenizer, RegexpTokenizer
 from nltk.tokenize.punkt import PunktSentenceTokenizer
 
+from instruct.data.templates import to_messages
 from instruct.eval.suite import EvalContext, Score, Suite, SuiteResult, register_suite
-from instruct.templates import to_messages
 
 # Written by scripts/make_ifeval_set.py; used when eval.ifeval.path is not set.
 SHIPPED_SET = Path(__file__).resolve().parents[1] / "data" / "ifeval.jsonl"

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from instruct.data import DataError, load_splits, normalise, prompt_and_reference, read_records
+from instruct.data.templates import Message, to_messages
 from instruct.eval.suite import EvalContext, Score, Suite, SuiteResult, register_suite
 from instruct.openai_client import (
     ChatClient,
@@ -50,7 +51,6 @@ from instruct.openai_client import (
     RequestFailed,
     gather_or_cancel,
 )
-from instruct.templates import Message, to_messages
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ Data are local, never downloaded: every task must read files (``dataset_path: js
 lm-eval builds anything. Relative data paths are read from the folder of the task's YAML.
 
 With ``apply_chat_template`` the prompts are rendered with the run's own template
-(:func:`instruct.templates.chat_template`) on a copy of the tokenizer, and content stays
+(:func:`instruct.data.templates.chat_template`) on a copy of the tokenizer, and content stays
 data: a special-token string inside a document or an answer choice is encoded as text; only
 the template's own special tokens are control tokens (:class:`SpecialMarks`).
 """
@@ -44,11 +44,11 @@ except ImportError as err:  # an optional dependency: only runs that ask for the
         "eval.suites: lm_eval needs lm-evaluation-harness: pip install 'lm-eval>=0.4.13'"
     ) from err
 
-from instruct.content import ControlTokens, TextEncoder
+from instruct.data.batching import padded
+from instruct.data.content import ControlTokens, TextEncoder
+from instruct.data.templates import chat_template, end_of_turn
 from instruct.eval.suite import EvalContext, Score, Suite, SuiteResult, register_suite
 from instruct.modes import evaluating
-from instruct.templates import chat_template, end_of_turn
-from instruct.tokenize import padded
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class SpecialMarks:
     special-token string into a control token, including one quoted in a document. Here the
     template's own special tokens are replaced by marker characters when the prompt is
     rendered (:meth:`mark`); :meth:`encode` makes each marker its token and encodes the text
-    between them as training does (:class:`~instruct.content.TextEncoder`), so a document's
+    between them as training does (:class:`~instruct.data.content.TextEncoder`), so a document's
     ``<|im_end|>`` stays text.
     """
 

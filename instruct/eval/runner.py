@@ -32,9 +32,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from instruct.data.templates import Message
 from instruct.eval.stats import bootstrap_interval
 from instruct.eval.suite import SUITES, EvalContext, Score, Suite, SuiteResult
-from instruct.templates import Message
 
 log = logging.getLogger(__name__)
 

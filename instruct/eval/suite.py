@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from instruct.templates import Message
+from instruct.data.templates import Message
 
 # name -> suite class; filled by @register_suite as each suite module is imported
 SUITES: dict[str, type[Suite]] = {}

@@ -10,9 +10,10 @@ from typing import Any
 import torch
 from accelerate.utils import send_to_device
 
+from instruct.data.batching import batch, collate
+from instruct.data.tokenize import Feature
 from instruct.loss import hidden_or_logits
 from instruct.modes import evaluating
-from instruct.tokenize import Feature, batch, collate
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ def packed_attention(
 ) -> tuple[torch.Tensor, None]:
     """SDPA that runs causal attention once per example of a packed row.
 
-    With ``cu_seq_lens_q`` (see :func:`instruct.tokenize.pack`) each example attends only to
+    With ``cu_seq_lens_q`` (see :func:`instruct.data.batching.pack`) each example attends only to
     itself, at the cost of its own length squared: no mask over the whole row is read. Any
     other call (padded batches, generation with a KV cache) is plain SDPA with the given mask.
     """

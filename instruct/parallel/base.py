@@ -30,7 +30,7 @@ class Prepared(NamedTuple):
     model: Any
     optimizer: Any
     scheduler: Any
-    packed: bool  # micro-batches as packed rows (see instruct.tokenize.pack)
+    packed: bool  # micro-batches as packed rows (see instruct.data.batching.pack)
     held: int  # parameter elements on this process right after prepare
 
 

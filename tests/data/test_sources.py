@@ -28,8 +28,8 @@ from instruct.data import (
     read_records,
 )
 from instruct.data.stream import prepare_stream
-from instruct.templates import render_many, to_messages
-from instruct.tokenize import cache_key, prepare
+from instruct.data.templates import render_many, to_messages
+from instruct.data.tokenize import cache_key, prepare
 
 ALPACA = [
     {"instruction": f"Question {i}?", "input": f"context {i}" if i % 3 == 0 else "",

@@ -19,6 +19,7 @@ pytest.importorskip("lm_eval")
 from omegaconf import OmegaConf  # noqa: E402
 
 from instruct.config import EvalConfig, LmEvalSuiteConfig, compose  # noqa: E402
+from instruct.data.templates import chat_template, render  # noqa: E402
 from instruct.eval.lm_eval_suite import (  # noqa: E402
     LmEvalSuite,
     SpecialMarks,
@@ -26,7 +27,6 @@ from instruct.eval.lm_eval_suite import (  # noqa: E402
 )
 from instruct.eval.suite import SUITES, EvalContext  # noqa: E402
 from instruct.model import build_tiny  # noqa: E402
-from instruct.templates import chat_template, render  # noqa: E402
 
 TASKS = Path(__file__).resolve().parents[1] / "fixtures" / "lm_eval_task"
 QUESTIONS = 10

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from instruct.data.batching import pack
 from instruct.kernels.fused_ce import linear_cross_entropy
 from instruct.loss import loss_sum
-from instruct.tokenize import pack
 from tests.kernels.tiny import tiny
 
 

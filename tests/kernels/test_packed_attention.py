@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from instruct.data.batching import collate, pack
 from instruct.kernels.packed_attention import packing_error, use_packed_attention
 from instruct.loss import loss_sum
-from instruct.tokenize import collate, pack
 from instruct.train import train
 from tests.conftest import toy_config
 from tests.kernels.tiny import tiny

@@ -16,12 +16,12 @@ from types import SimpleNamespace
 from typing import Any
 
 from instruct.config import TemplateKind
-from instruct.content import ControlTokens, hide
+from instruct.data.content import ControlTokens, hide
+from instruct.data.records import ROLES, broken_rule
 
 Message = dict[str, str]
 Span = tuple[int, int]
 
-ROLES = ("system", "user", "assistant", "tool")  # "tool": template=native only
 # Message fields of tool use and reasoning, which only a native template renders.
 TOOL_FIELDS = ("tool_calls", "reasoning_content", "thinking", "tool_call_id", "name")
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
@@ -32,7 +32,7 @@ class Rendered:
     """Rendered text and the half-open character spans ``[start, end)`` to train on.
 
     ``literal``: the ranges where a message quoted a special-token string, which is encoded
-    as text, never as a control token (:mod:`instruct.content`); empty for nearly every
+    as text, never as a control token (:mod:`instruct.data.content`); empty for nearly every
     conversation. ``weights``: each span's loss weight (``data.train_on=per_message``).
     """
 
@@ -105,13 +105,11 @@ def special_strings(tokenizer: Any) -> dict[str, str]:
 
 def check_messages(messages: Sequence[Mapping[str, Any]]) -> None:
     for i, m in enumerate(messages):
-        role, content = m.get("role"), m.get("content")
+        role = m.get("role")
         if role not in ROLES:
             raise ValueError(f"message {i}: role {role!r} is not one of {', '.join(ROLES)}")
-        if not isinstance(content, str):
-            raise ValueError(f"message {i} ({role}): content must be a string, got {content!r}")
-        if role == "system" and i != 0:
-            raise ValueError(f"message {i}: a system message may only come first")
+        if problem := broken_rule(i, role, m.get("content")):
+            raise ValueError(problem)
 
 
 def refuse_tool_fields(messages: Sequence[Mapping[str, Any]], template: Any) -> None:
@@ -145,16 +143,16 @@ def render(
 ) -> Rendered:
     """Render ``messages`` with ``template``; spans cover every assistant reply + end of turn.
 
-    ``weights``, one per message (:func:`instruct.turns.turn_weights`), choose the trained
+    ``weights``, one per message (:func:`instruct.data.turns.turn_weights`), choose the trained
     turns instead: a reply with weight 0 is not trained, a system or user message with a
     weight above 0 is (its content as the template writes it), and each span carries its
     message's weight. ``None``: every reply at weight 1, nothing else.
 
     A special-token string inside a message stays text: the template renders a placeholder
     in its place, and the result marks where the string went back as a ``literal`` range
-    (:func:`instruct.content.hide`), which tokenisation encodes as text. ``special`` is
+    (:func:`instruct.data.content.hide`), which tokenisation encodes as text. ``special`` is
     :func:`special_strings` of ``tokenizer`` and ``controls`` its
-    :meth:`~instruct.content.ControlTokens.of`, when the caller has them already.
+    :meth:`~instruct.data.content.ControlTokens.of`, when the caller has them already.
     """
     check_messages(messages)
     if template.kind != TemplateKind.native:
@@ -549,7 +547,7 @@ def _generation_spans(
     """The tokens the template's ``{% generation %}`` blocks mark, as character spans.
 
     Each run of marked tokens becomes one span from its first token's first character to its
-    last token's last, so :mod:`instruct.tokenize` (a token is trained when it lies wholly
+    last token's last, so :mod:`instruct.data.tokenize` (a token is trained when it lies wholly
     inside a span) trains exactly the tokens ``return_assistant_tokens_mask`` marks.
     """
     out = tokenizer.apply_chat_template(

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from instruct.templates import Rendered, render, to_messages
-from instruct.tokenize import IGNORE_INDEX, Feature, collate, encode, labels_from_spans, prepare
+from instruct.data.batching import collate
+from instruct.data.templates import Rendered, render, to_messages
+from instruct.data.tokenize import IGNORE_INDEX, Feature, encode, labels_from_spans, prepare
 
 REPLIES = {
     "plain": "The answer is 42.",
@@ -177,7 +178,7 @@ def test_byte_position_labels_equal_offset_labels_on_random_spans(tokenizer, tem
     multi-byte character, empty, at the end."""
     import random
 
-    from instruct.tokenize import encode_flat, token_byte_lengths
+    from instruct.data.tokenize import encode_flat, token_byte_lengths
 
     tok = tokenizer if kind == "byte_level" else variant(tokenizer, kind)
     assert (token_byte_lengths(tok.backend_tokenizer) is not None) == TILES[kind]

@@ -2,7 +2,7 @@
 
 Each message of a conversation gets a weight (:func:`turn_weights`): 0 leaves it untrained,
 and a trained turn's token losses are scaled by its weight, so the loss is the weighted mean
-``sum(w * loss) / sum(w)`` over the supervised tokens. :func:`instruct.templates.render`
+``sum(w * loss) / sum(w)`` over the supervised tokens. :func:`instruct.data.templates.render`
 turns the weights into weighted character spans.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 
 from instruct.config import TrainOn
 from instruct.data.records import TURN_KEYS, DataError
-from instruct.templates import conversation
+from instruct.data.templates import conversation
 
 
 def train_on(value: Any) -> TrainOn:
@@ -77,7 +77,7 @@ def turn_weights(
 
 def without_turn_keys(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """The messages without ``train`` and ``weight``: what a template renders (the record's
-    ``tools``, which a :class:`~instruct.templates.Conversation` carries, kept)."""
+    ``tools``, which a :class:`~instruct.data.templates.Conversation` carries, kept)."""
     stripped = ({k: v for k, v in m.items() if k not in TURN_KEYS} for m in messages)
     return conversation(stripped, getattr(messages, "tools", None))
 

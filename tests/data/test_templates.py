@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from instruct.templates import fill, render, to_messages
+from instruct.data.templates import fill, render, to_messages
 
 ALPACA_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately "
@@ -133,7 +133,7 @@ def test_bad_roles_are_rejected(templates, tokenizer):
 
 
 def test_render_many_equals_render_one_by_one(templates, tokenizer):
-    from instruct.templates import render_many
+    from instruct.data.templates import render_many
 
     conversations = [
         CONVERSATION,

@@ -6,7 +6,7 @@ fallback and ``▁`` for spaces, and wrapped three ways: as transformers convert
 ``tokenizer.model`` today (``Metaspace`` with ``prepend_scheme: first``), in the layout of
 the Llama 2 and Mistral 7B ``tokenizer.json`` files on the Hub (a ``Prepend("▁")`` normaliser
 that puts ``▁`` before every piece between special tokens), and as a Unigram model. None of
-them tiles byte for byte, so they take the offset path of :mod:`instruct.tokenize`; the
+them tiles byte for byte, so they take the offset path of :mod:`instruct.data.tokenize`; the
 reference here is computed from the tokenizer's own offsets, independently of that code.
 """
 
@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 
 from instruct.config import option_names
+from instruct.data.templates import render_many
+from instruct.data.tokenize import IGNORE_INDEX, encode, token_byte_lengths
 from instruct.model import TINY_CHAT_TEMPLATE, tokenizer_corpus
-from instruct.templates import render_many
-from instruct.tokenize import IGNORE_INDEX, encode, token_byte_lengths
 
 spm = pytest.importorskip("sentencepiece")
 

@@ -19,14 +19,14 @@ import torch.nn.functional as F
 
 from instruct.config import TrainOn, compose
 from instruct.data import DataError
+from instruct.data.batching import batch
 from instruct.data.features import describe, tokenize_split
 from instruct.data.sources import file_source
-from instruct.templates import Rendered, render, render_many, to_messages
-from instruct.tokenize import (
+from instruct.data.templates import Rendered, render, render_many, to_messages
+from instruct.data.tokenize import (
     IGNORE_INDEX,
     Feature,
     PrepareStats,
-    batch,
     encode,
     encode_flat,
     labels_from_spans,
@@ -34,8 +34,8 @@ from instruct.tokenize import (
     prepare,
     save_features,
 )
-from instruct.turns import select, turn_weights
-from tests.test_tokenize import variant
+from instruct.data.turns import select, turn_weights
+from tests.data.test_tokenize import variant
 
 NATIVE = SimpleNamespace(kind="native", name="native")
 # SmolLM2's ChatML chat template, shortened: no default system prompt.

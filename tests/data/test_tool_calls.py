@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from instruct.data import DataError, load_records
-from instruct.templates import conversation, plain_template, render, render_many, to_messages
-from instruct.tokenize import IGNORE_INDEX, encode
+from instruct.data.templates import conversation, plain_template, render, render_many, to_messages
+from instruct.data.tokenize import IGNORE_INDEX, encode
 
 NATIVE = SimpleNamespace(kind="native", name="native", kwargs={})
 CHATML = ("<|im_start|>", "<|im_end|>")
@@ -649,7 +649,7 @@ def test_a_checkpoints_chat_template_carries_the_kwargs(family):
     """The tokenizer saved with a checkpoint renders as training did without being passed
     ``template.kwargs`` (a server or lm-eval calls ``apply_chat_template`` plainly)."""
     from instruct.config import compose
-    from instruct.templates import chat_template
+    from instruct.data.templates import chat_template
 
     tok = copy.copy(family("qwen3"))
     cfg = compose(["template=native", "+template.kwargs.enable_thinking=false"])
@@ -674,12 +674,12 @@ def test_an_eval_prompt_keeps_the_records_tools():
     )
 
 
-# Tool calls with turn selection (data.train_on, instruct.turns)
+# Tool calls with turn selection (data.train_on, instruct.data.turns)
 
 
 def test_turn_selection_keeps_the_tools_and_never_trains_a_tool_result(family):
     from instruct.config import TrainOn
-    from instruct.turns import select
+    from instruct.data.turns import select
 
     tok = family("qwen2_5")
     per_message = [dict(m) for m in WEATHER]

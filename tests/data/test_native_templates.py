@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from instruct.templates import Rendered, render
-from instruct.tokenize import IGNORE_INDEX, encode
+from instruct.data.templates import Rendered, render
+from instruct.data.tokenize import IGNORE_INDEX, encode
 
 NATIVE = SimpleNamespace(kind="native", name="native")
 
@@ -265,7 +265,7 @@ def rendered(tokenizers, family: str, messages, **overrides) -> tuple[Rendered, 
             setattr(tok, key, value)
     kwargs = FAMILIES[family].kwargs
     if kwargs:  # what a template option (enable_thinking) passes to every render
-        from instruct.templates import _render_native
+        from instruct.data.templates import _render_native
 
         return _render_native(messages, tok, False, **kwargs), tok
     return render(messages, NATIVE, tok), tok
