@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 from matplotlib.figure import Figure  # the object API: no pyplot state, always Agg for PNG
 
+from instruct.environment import differences
 from instruct.eval.metric import Metric, interval_of, resolve, value_of
 from instruct.eval.stats import paired_difference
 
@@ -297,6 +298,19 @@ def val_loss_warning(jobs: Sequence[Job]) -> str | None:
     )
 
 
+def environment_warning(jobs: Sequence[Job]) -> str | None:
+    """A warning when the finished jobs ran with other package versions or project commits
+    (``results.json``'s ``environment``): their numbers may differ for that alone."""
+    recorded = {job.name: (job.results or {}).get("environment") for job in jobs if job.finished}
+    found = differences(recorded)
+    if not found:
+        return None
+    return (
+        "the jobs did not all run on the same code, so a difference between them may come "
+        "from that alone: " + "; ".join(found)
+    )
+
+
 def sort_key(metric: Metric):
     """Finished jobs by the metric (best first; a NaN or missing value last among them),
     then the unfinished ones in job order."""
@@ -350,6 +364,8 @@ def rank(jobs: Sequence[Job], metric_name: str = "auto", samples: int = 1000) ->
     groups = fingerprint_groups(jobs)
     if why and not metric.is_eval:
         warnings.append(why)
+    if same_code := environment_warning(jobs):
+        warnings.append(same_code)
     elif None not in groups and len(groups) > 1:
         notes.append(
             "the best val loss column is not comparable across these jobs: their validation "
