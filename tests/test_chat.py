@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from instruct.chat import chat_loop
@@ -19,6 +21,7 @@ def test_chat_keeps_history_and_resets(tuned_toy):
     ).sampling
     lines = iter(["Greet Ada.", "Say goodbye to Bob.", "/reset", "Greet Eve.", "/exit", "never"])
     shown: list[str] = []
+    streamed: list[str] = []
     history = chat_loop(
         model,
         tokenizer,
@@ -27,9 +30,12 @@ def test_chat_keeps_history_and_resets(tuned_toy):
         system="Be kind.",
         read=lambda _: next(lines),
         write=shown.append,
+        stream=streamed.append,
     )
-    assert shown[0] == "assistant> Hello! It is good to see you."
-    assert shown[1] == "assistant> Goodbye, and see you soon."
+    replies = "".join(streamed).splitlines()
+    assert replies[0] == "assistant> Hello! It is good to see you."
+    assert replies[1] == "assistant> Goodbye, and see you soon."
+    assert all(re.fullmatch(r"\(\d+ tokens, [\d.]+ tokens/s\)", line) for line in shown[:2])
     assert shown[2] == "(history cleared)"
     assert [m["role"] for m in history] == ["system", "user", "assistant"]
     assert history[1]["content"] == "Greet Eve."
