@@ -14,6 +14,7 @@ from instruct.data.tokenize import Feature
 from instruct.loss import loss_sum
 from instruct.modes import evaluating
 from instruct.parallel.base import all_ranks_sum
+from instruct.progress import progress
 
 
 def to_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:
@@ -48,8 +49,10 @@ def evaluate(
     if accelerator is not None and accelerator.num_processes > 1:
         mine = ordered[accelerator.process_index :: accelerator.num_processes]
         rounds = len(ordered[:: accelerator.num_processes]) if lockstep else len(mine)
+    main = accelerator is None or accelerator.is_main_process
+    steps = progress(range(0, rounds, batch_size), desc="validate", unit="batch", main=main)
     with evaluating(model):
-        for i in range(0, rounds, batch_size):
+        for i in steps:
             part, weight = mine[i : i + batch_size], 1
             if not part:  # lockstep: a forward for the other processes' sake
                 part, weight = ordered[:1], 0

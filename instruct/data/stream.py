@@ -19,6 +19,7 @@ import numpy as np
 
 from instruct.data.records import Example
 from instruct.kernels.memory import gc_paused
+from instruct.progress import progress
 
 
 @dataclass(eq=False)
@@ -128,14 +129,17 @@ def prepare_stream(
         return render_many(conversations, plain, tokenizer, weights=weights)
 
     out, parts = StreamedFeatures(), []
+    bar = progress(desc="tokenise", unit="example")
     with gc_paused(), ThreadPoolExecutor(1, thread_name_prefix="render") as worker:
         ahead = worker.submit(render_next)
         while (rendered := ahead.result()) is not None:
             ahead = worker.submit(render_next)
             features, stats = prepare(rendered, tokenizer, max_length)
+            bar.update(len(rendered))
             del rendered
             out.append(features, len(tokenizer))
             parts.append(stats)
+    bar.close()
     out.stats = add_stats(parts)
     return out
 
