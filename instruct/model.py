@@ -24,6 +24,7 @@ from instruct.data.templates import chat_template, stop_tokens
 from instruct.errors import ConfigError, MissingPackage, ModelNotFound
 from instruct.kernels.dropout import DropoutDrawer
 from instruct.kernels.fused_lora import fuse_lora
+from instruct.quiet import peft_notices
 
 log = logging.getLogger(__name__)
 
@@ -327,7 +328,8 @@ def apply_lora(model: Any, cfg: Any, new_token_ids: list[int]) -> Any:
         target_modules=target,
         trainable_token_indices=list(new_token_ids) or None,
     )
-    model = get_peft_model(model, config)
+    with peft_notices():
+        model = get_peft_model(model, config)
     if cfg.fused:
         fuse_lora(model, DropoutDrawer(cfg.dropout_draw))
     return model
