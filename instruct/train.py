@@ -61,6 +61,7 @@ from instruct.data.features import (  # noqa: F401 - two names kept importable f
 from instruct.data.templates import to_messages
 from instruct.data.tokenize import Feature
 from instruct.decoding import generate
+from instruct.environment import environment
 from instruct.eval.runner import check_eval, eval_enabled
 from instruct.kernels.memory import keep_freed_memory
 from instruct.kernels.packed_attention import trust_packing, use_packed_attention
@@ -124,12 +125,12 @@ def train(
         finished["eval"] = evaluate_best(cfg, finished, tracker=None)
         write_results(Path(cfg.run_dir), finished)
         return finished
-    from instruct.compat import installed_versions
-
     run = setup(cfg, loss_fn)
     try:
         results = run.loop()
-        results["versions"] = installed_versions()  # the libraries this run trained with
+        # What it ran on (versions, commit, machine) and the config it resolved to.
+        results["environment"] = environment()
+        results["config"] = to_container(cfg)
     except Interrupted as stop:
         run.tracker.finish(exit_code=1)
         if run.accelerator.is_main_process:
@@ -456,7 +457,8 @@ def run_tracker(cfg: DictConfig, accelerator: Any, run_id: str | None, step: int
     from ``step`` on resume; a silent tracker on the others."""
     if not accelerator.is_main_process:
         return Tracker.silent()
-    tracker = start_tracking(cfg.logger, Path(cfg.run_dir), to_container(cfg), run_id=run_id)
+    config = {**to_container(cfg), "environment": environment()}
+    tracker = start_tracking(cfg.logger, Path(cfg.run_dir), config, run_id=run_id)
     if step is not None:
         tracker.rewind(step)
     return tracker

@@ -45,10 +45,12 @@ FULL = ["lora=none", "optimizer.lr=1e-4"]
 # Several processes split the batch: 2 x 4 rows is one process's 8.
 TWO = ["trainer.batch_size=4", "lora.dropout=0.0"]
 
-# Numbers that measure the machine, not the run; and paths.
+# Numbers that measure the machine, not the run; paths; what the run ran on (environment:
+# versions, commit, CPU) and the config it was given (an input, holding paths).
 VOLATILE = {"train_seconds", "eval_seconds", "total_seconds", "seconds", "checkpoint",
             "tokens_per_s", "supervised_tokens_per_s", "train/tokens_per_s",
-            "train/supervised_tokens_per_s", "path", "run_dir", "versions"}  # fmt: skip
+            "train/supervised_tokens_per_s", "path", "run_dir", "versions", "environment",
+            "config"}  # fmt: skip
 
 
 @dataclass

@@ -57,9 +57,14 @@ def test_results_json_is_complete(full_run):
     assert on_disk["best_val_loss"] == min(v for _, v in on_disk["val_loss_history"])
     assert on_disk["supervised_tokens"] > 0 and on_disk["train_seconds"] > 0
     assert Path(on_disk["checkpoint"]) == run_dir / "checkpoints" / "best"
-    versions = on_disk["versions"]  # the libraries it trained with
-    assert versions == results["versions"] == installed_versions()
-    assert {"torch", "transformers", "peft", "accelerate", "wandb", "instruct"} <= set(versions)
+    env = on_disk["environment"]  # what it trained with and on
+    assert env == results["environment"] and env["versions"] == installed_versions()
+    assert {"torch", "transformers", "peft", "accelerate", "wandb", "instruct"} <= set(
+        env["versions"]
+    )
+    assert {"git", "python", "os", "cpu", "cpu_cores", "gpus", "gpu_count", "cuda"} <= set(env)
+    assert on_disk["config"]["trainer"]["max_steps"] == results["config"]["trainer"]["max_steps"]
+    assert on_disk["config"]["run_dir"] == str(run_dir)
 
 
 def test_wandb_offline_run_holds_the_losses(full_run):
@@ -79,6 +84,7 @@ def test_wandb_offline_run_holds_the_losses(full_run):
     assert recorded["summary"]["best_val_loss"] == pytest.approx(results["best_val_loss"])
     assert recorded["summary"]["best_step"] == results["best_step"]
     assert recorded["config"]["lora"]["enabled"] is False
+    assert recorded["config"]["environment"]["versions"] == results["environment"]["versions"]
 
 
 def assert_reloads_to_best(run_dir: Path, results: dict) -> None:
