@@ -498,11 +498,13 @@ class EvaluateConfig:
 
 @dataclass
 class ExportConfig:
-    """``python -m instruct.export``: merge LoRA into the base; a standard HF folder."""
+    """``python -m instruct.export``: merge LoRA into the base (a standard HF folder), or
+    the adapter alone in peft's layout (``merge=false``)."""
 
     checkpoint: str = MISSING
     out: str = MISSING
     dtype: Dtype | None = None  # None: the training dtype
+    merge: bool = True  # false: the LoRA adapter alone, for peft or vLLM's --enable-lora
 
 
 CLI_SCHEMAS: dict[str, type] = {
