@@ -28,7 +28,14 @@ from instruct.inspect import inspect, page_of, run_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 INSTALL = "apt-get install -y chromium (and pip install playwright; not `playwright install`)"
-HIGHLIGHT = (0x9B, 0xE7, 0xB0)  # .k.f1, the trained tokens' background in inspect_page.html
+HIGHLIGHT = (0x9B, 0xE7, 0xB0)
+# Scroll to the bottom frame after frame: the page draws more cards on each scroll event.
+SCROLL_TO_END = """async () => {
+  for (let i = 0; i < 40; i++) {
+    window.scrollTo(0, document.body.scrollHeight);
+    await new Promise(done => requestAnimationFrame(done));
+  }
+}"""  # .k.f1, the trained tokens' background in inspect_page.html
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -351,6 +358,7 @@ def test_browser_holds_ten_thousand_examples(browser, tmp_path):
     data = write_jsonl(tmp_path / "big.jsonl", toy_rows(10_000))
     cfg = inspect_cfg(
         [data],
+        "trainer.tokenized_cache=false",
         "inspect.examples=null",
         "inspect.split=train",
         "data.val_fraction=0.01",
@@ -367,9 +375,7 @@ def test_browser_holds_ten_thousand_examples(browser, tmp_path):
     last = f"#ex-{total - 1}"
     deadline = time.monotonic() + 240
     while page.locator(last).count() == 0 and time.monotonic() < deadline:
-        page.mouse.wheel(0, 200_000)
-        page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
-        page.wait_for_timeout(20)
+        page.evaluate(SCROLL_TO_END)
     assert page.locator(last).count() == 1, "scrolling to the end never drew the last example"
     page.locator(f"{last} button.reject").click()
     assert page.locator("#counts").inner_text().startswith("0 accepted, 1 rejected")
