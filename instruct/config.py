@@ -77,6 +77,10 @@ class DataConfig:
     max_examples: int | None = None  # cap after filtering, before the split
     train_on: TrainOn = TrainOn.all_assistant
     train_on_prompt: bool = False  # true: system and user messages' content is trained too
+    # Examples left out of both splits: a list of IDs (an example's "id", else a hash of its
+    # content), or the path of a reviewed file saved by python -m instruct.inspect's page
+    # (its rejected IDs). None: every example.
+    exclude_ids: Any = None
 
 
 @dataclass
@@ -463,6 +467,28 @@ class RunConfig:
     run_dir: str | None = None
 
 
+class InspectSplit(StrEnum):
+    all = "all"
+    train = "train"
+    validation = "validation"
+
+
+@dataclass
+class InspectOptions:
+    """What ``python -m instruct.inspect`` puts in its page."""
+
+    examples: int | None = 1000  # examples shown token by token; None: all (10,000 stay fluid)
+    split: InspectSplit = InspectSplit.all  # the report and histograms cover every example
+    out: str | None = None  # None: inspect.html in the run folder
+
+
+@dataclass
+class InspectConfig(RunConfig):
+    """``python -m instruct.inspect``: the run config (its overrides work) and the page's."""
+
+    inspect: InspectOptions = field(default_factory=InspectOptions)
+
+
 @dataclass
 class GenerateConfig:
     """``python -m instruct.generate``: one reply from a checkpoint."""
@@ -512,6 +538,7 @@ CLI_SCHEMAS: dict[str, type] = {
     "chat_schema": ChatConfig,
     "evaluate_schema": EvaluateConfig,
     "export_schema": ExportConfig,
+    "inspect_schema": InspectConfig,
     "self_instruct_schema": SelfInstructConfig,
 }
 

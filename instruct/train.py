@@ -310,7 +310,11 @@ RESUMABLE_CHANGES = (
 
 # Keys added after checkpoints were already being saved, with the value that behaves as a
 # config without them did: a checkpoint whose config lacks one was trained that way.
-ADDED_SINCE = {"data.train_on": "all_assistant", "data.train_on_prompt": False}
+ADDED_SINCE = {
+    "data.train_on": "all_assistant",
+    "data.train_on_prompt": False,
+    "data.exclude_ids": None,
+}
 
 
 def changed_keys(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -324,7 +328,7 @@ def changed_keys(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
             out.update(flat(v, f"{prefix}{k}."))
         return out
 
-    a, b = {**ADDED_SINCE, **flat(saved)}, flat(current)
+    a, b = {**ADDED_SINCE, **flat(saved)}, {**ADDED_SINCE, **flat(current)}
     keys = sorted(k for k in a.keys() | b.keys() if a.get(k, "<unset>") != b.get(k, "<unset>"))
     return [k for k in keys if not k.startswith(RESUMABLE_CHANGES)]
 

@@ -26,6 +26,7 @@ ENTRY_POINTS = frozenset(
         "instruct.evaluate",
         "instruct.export",
         "instruct.report",
+        "instruct.inspect",
         "instruct.self_instruct.cli",
     }
 )

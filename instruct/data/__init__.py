@@ -29,6 +29,7 @@ from instruct.data.records import (
     normalise,
     with_system,
 )
+from instruct.data.review import example_id, exclude
 from instruct.data.sources import (
     Source,
     file_source,
@@ -47,6 +48,7 @@ __all__ = [
     "Location",
     "Source",
     "detect_format",
+    "example_id",
     "load_records",
     "load_splits",
     "manual_path",
@@ -142,11 +144,23 @@ def origin(cfg: Any, key: str = "paths") -> str:
 
 
 def load_splits(cfg: Any, seed: int) -> tuple[list[Example], list[Example]]:
-    """Train and validation examples for the data config ``cfg``.
+    """Train and validation examples for the data config ``cfg``, without those
+    ``data.exclude_ids`` names (:mod:`instruct.data.review`).
 
     Too few examples left after ``data.domains`` and ``data.max_examples`` is an error naming
     the files (or the source) they came from.
     """
+    train, val = read_splits(cfg, seed)
+    if "exclude_ids" not in cfg or cfg.exclude_ids is None:  # a config saved before the key
+        return train, val
+    train, val = exclude([train, val], cfg.exclude_ids)
+    if not train:
+        raise DataError(f"{origin(cfg)}: no training example left after data.exclude_ids")
+    return train, val
+
+
+def read_splits(cfg: Any, seed: int) -> tuple[list[Example], list[Example]]:
+    """:func:`load_splits` before ``data.exclude_ids``."""
     if cfg.source in SPLITTERS:
         return SPLITTERS[cfg.source](cfg, seed)
     if cfg.source not in SOURCES:

@@ -29,25 +29,43 @@ class SplitStats(PrepareStats):
     dropped_examples: list[str] = field(default_factory=list)  # the first DROPPED_NAMED
 
 
+@dataclass
+class RenderedSplit:
+    """A split's examples as the template renders them, before tokenizing."""
+
+    names: list[str]  # where each came from (file.jsonl:12), for messages
+    conversations: list[list[dict[str, Any]]]  # the turns trained (data.train_on)
+    weights: list[list[float] | None] | None  # per-message loss weights; None: all 1
+    rendered: list[Any]  # Rendered: text, trained character spans, ...
+
+
+def render_split(examples: Sequence[Example], cfg: DictConfig, tokenizer: Any) -> RenderedSplit:
+    """Each example rendered with the run's template, its trained turns chosen by
+    ``data.train_on``: what :func:`tokenize_split` tokenizes (and ``instruct.inspect`` shows)."""
+    template = plain_template(cfg.template)
+    names = [example_name(examples, i) for i in range(len(examples))]
+    conversations, weights = select(
+        [to_messages(e, template) for e in examples],
+        cfg.data.get("train_on", TrainOn.all_assistant),
+        bool(cfg.data.get("train_on_prompt", False)),
+        names,
+    )
+    try:
+        rendered = render_many(conversations, template, tokenizer, weights=weights)
+    except ValueError:
+        for i, c in enumerate(conversations):  # the error, with the example that raised it
+            try:
+                render_many([c], template, tokenizer, weights=weights and [weights[i]])
+            except ValueError as err:
+                raise ValueError(f"{names[i]}: {err}") from err
+        raise
+    return RenderedSplit(names, conversations, weights, rendered)
+
+
 def tokenize_split(examples, cfg: DictConfig, tokenizer) -> tuple[list[Feature], PrepareStats]:
     with gc_paused():
-        template = plain_template(cfg.template)
-        names = [example_name(examples, i) for i in range(len(examples))]
-        conversations, weights = select(
-            [to_messages(e, template) for e in examples],
-            cfg.data.get("train_on", TrainOn.all_assistant),
-            bool(cfg.data.get("train_on_prompt", False)),
-            names,
-        )
-        try:
-            rendered = render_many(conversations, template, tokenizer, weights=weights)
-        except ValueError:
-            for i, c in enumerate(conversations):  # the error, with the example that raised it
-                try:
-                    render_many([c], template, tokenizer, weights=weights and [weights[i]])
-                except ValueError as err:
-                    raise ValueError(f"{names[i]}: {err}") from err
-            raise
+        split = render_split(examples, cfg, tokenizer)
+        conversations, weights, rendered = split.conversations, split.weights, split.rendered
         cache = cache_root() / "tokenized" if cfg.trainer.tokenized_cache else None
         features, stats = prepare_cached(rendered, tokenizer, cfg.trainer.max_length, cache)
     if not stats.dropped:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import string
+from collections.abc import Callable
 from typing import Any
 
 
@@ -16,27 +17,59 @@ def _norm(text: str) -> str:
     return " ".join(re.findall(r"\w+", text.lower()))
 
 
+def _instruction_length(task: dict[str, str], cfg: Any, blacklist: re.Pattern[str]) -> bool:
+    n = len(_words(task["instruction"]))
+    return cfg.min_instruction_words <= n <= cfg.max_instruction_words
+
+
+def _not_blacklisted(task: dict[str, str], cfg: Any, blacklist: re.Pattern[str]) -> bool:
+    return not blacklist.search(task["instruction"])
+
+
+def _no_punctuation_start(task: dict[str, str], cfg: Any, blacklist: re.Pattern[str]) -> bool:
+    return task["instruction"][0] not in string.punctuation
+
+
+def _ascii_start(task: dict[str, str], cfg: Any, blacklist: re.Pattern[str]) -> bool:
+    return task["instruction"][0].isascii()
+
+
+def _output_length(task: dict[str, str], cfg: Any, blacklist: re.Pattern[str]) -> bool:
+    n = len(_words(task["output"]))
+    return cfg.min_output_words <= n <= cfg.max_output_words
+
+
+def _no_repeat(task: dict[str, str], cfg: Any, blacklist: re.Pattern[str]) -> bool:
+    norm_out, norm_inst = _norm(task["output"]), _norm(task["instruction"])
+    repeats = norm_inst in norm_out and len(norm_out) < 1.2 * len(norm_inst)
+    return not (norm_out == norm_inst or repeats)
+
+
+def _not_truncated(task: dict[str, str], cfg: Any, blacklist: re.Pattern[str]) -> bool:
+    return not task["output"].rstrip().endswith(("...", "\u2026", "etc.", "etc"))
+
+
+Check = Callable[[dict[str, str], Any, re.Pattern[str]], bool]
+# In the order they run: a task is rejected for the first it fails, by that name.
+CHECKS: tuple[tuple[str, Check], ...] = (
+    ("instruction_length", _instruction_length),
+    ("blacklist", _not_blacklisted),
+    ("starts_with_punctuation", _no_punctuation_start),
+    ("starts_non_ascii", _ascii_start),
+    ("output_length", _output_length),
+    ("output_repeats_instruction", _no_repeat),
+    ("output_truncated", _not_truncated),
+)
+
+
 def cheap_filter(task: dict[str, str], cfg: Any, blacklist: re.Pattern[str]) -> str | None:
     """The reason to reject ``task`` before the similarity check, or None to keep it."""
-    instruction, output = task["instruction"], task["output"]
-    n = len(_words(instruction))
-    if n < cfg.min_instruction_words or n > cfg.max_instruction_words:
-        return "instruction_length"
-    if blacklist.search(instruction):
-        return "blacklist"
-    if instruction[0] in string.punctuation:
-        return "starts_with_punctuation"
-    if not instruction[0].isascii():
-        return "starts_non_ascii"
-    n = len(_words(output))
-    if n < cfg.min_output_words or n > cfg.max_output_words:
-        return "output_length"
-    norm_out, norm_inst = _norm(output), _norm(instruction)
-    if norm_out == norm_inst or (norm_inst in norm_out and len(norm_out) < 1.2 * len(norm_inst)):
-        return "output_repeats_instruction"
-    if output.rstrip().endswith(("...", "\u2026", "etc.", "etc")):
-        return "output_truncated"
-    return None
+    return next((name for name, passes in CHECKS if not passes(task, cfg, blacklist)), None)
+
+
+def verdicts(task: dict[str, str], cfg: Any, blacklist: re.Pattern[str]) -> dict[str, bool]:
+    """Every cheap filter's verdict on ``task``, by name: True where it passes."""
+    return {name: passes(task, cfg, blacklist) for name, passes in CHECKS}
 
 
 def blacklist_pattern(words: list[str]) -> re.Pattern[str]:
