@@ -294,6 +294,7 @@ class Precision(StrEnum):
     fp32 = "fp32"
     bf16 = "bf16"  # autocast (CPU or GPU), fp32 master weights, frozen LoRA base in bf16
     fp16 = "fp16"
+    auto = "auto"  # the faster of bf16 and fp32 on this machine (instruct.hardware)
 
 
 @dataclass
