@@ -266,8 +266,8 @@ def features_and_prompts(
     Both come from one rendering by our template code, so both sides tokenise the same text.
     """
     from instruct.data import load_records
+    from instruct.data.features import tokenize_split
     from instruct.data.templates import render_many, to_messages
-    from instruct.train import tokenize_split
 
     cfg = compose_run()
     if "tokenized_cache" in cfg.trainer:
@@ -686,7 +686,7 @@ def child_prep_ours(spec: dict[str, Any]) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from instruct.data import load_records
-    from instruct.train import tokenize_split
+    from instruct.data.features import tokenize_split
 
     os.environ["INSTRUCT_CACHE"] = spec["cache"]  # cold: nothing from earlier runs
     tokenizer = AutoTokenizer.from_pretrained(spec["folder"])

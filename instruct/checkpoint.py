@@ -27,12 +27,14 @@ import random
 import re
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from instruct.engine import Engine
 from instruct.parallel import Strategy
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,10 @@ COMPLETE_FILE = "COMPLETE"  # the completeness marker, written last
 WEIGHTS_FILE = "trainable.safetensors"  # resumable: the trained parameters, by name
 OPTIMIZER_FILE = "optimizer.pt"  # tensors and primitives only: read with weights_only=True
 STEP_PREFIX = "step-"
+BEST_DIR = "best"
+
+# (folder, cfg) -> None: writes the resolved config and the template beside the weights.
+ConfigWriter = Callable[[Path, DictConfig], None]
 
 
 def _fsync_tree(path: Path) -> None:
@@ -108,6 +114,11 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def write_config(folder: Path, cfg: DictConfig) -> None:
+    (folder / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
+    (folder / TEMPLATE_FILE).write_text(OmegaConf.to_yaml(cfg.template), encoding="utf-8")
+
+
 def save_checkpoint(
     path: Path,
     model: Any,
@@ -116,11 +127,12 @@ def save_checkpoint(
     state: dict[str, Any],
     writer: bool,
     strategy: Strategy,
+    config_writer: ConfigWriter = write_config,
 ) -> None:
     """Write a usable model checkpoint to ``path``, replacing any previous one atomically.
 
     A sharded model (``strategy.collective``): every process calls this, and only the
-    ``writer`` writes.
+    ``writer`` writes. ``config_writer`` writes the config (:func:`write_config`).
     """
     weights = strategy.model_weights(model, writer)
     if not writer:
@@ -133,15 +145,10 @@ def save_checkpoint(
         else:  # the gathered tensors, as the unsharded model would have given them
             model.save_pretrained(folder, safe_serialization=True, state_dict=weights)
         tokenizer.save_pretrained(folder)
-        write_config(folder, cfg)
+        config_writer(folder, cfg)
         (folder / STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
 
     write_atomically(path, write)
-
-
-def write_config(folder: Path, cfg: DictConfig) -> None:
-    (folder / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
-    (folder / TEMPLATE_FILE).write_text(OmegaConf.to_yaml(cfg.template), encoding="utf-8")
 
 
 # ---------------------------------------------------------------- resumable state
@@ -203,6 +210,7 @@ def save_state(
     writer: bool,
     strategy: Strategy,
     keep: int | None = None,
+    config_writer: ConfigWriter = write_config,
 ) -> None:
     """A resumable checkpoint at ``path``: trained weights (safetensors), optimizer, scheduler
     and grad-scaler state plus every RNG (``optimizer.pt``: tensors and plain values only),
@@ -210,7 +218,7 @@ def save_state(
 
     A sharded model (``strategy.collective``): every process calls this, and only the
     ``writer`` writes; the weights and optimizer state are whole, so one process (or any
-    number) can resume them.
+    number) can resume them. ``config_writer`` writes the config (:func:`write_config`).
     """
     from safetensors.torch import save_file
 
@@ -231,7 +239,7 @@ def save_state(
             folder / OPTIMIZER_FILE,
         )
         (folder / STATE_FILE).write_text(json.dumps(loop, indent=2), encoding="utf-8")
-        write_config(folder, cfg)
+        config_writer(folder, cfg)
 
     write_atomically(path, write)
     if keep is not None:  # then all but the newest ``keep`` beside it rotate out
@@ -323,6 +331,46 @@ def rotate(folder: Path, keep: int) -> None:
             shutil.rmtree(path, ignore_errors=True)
     for leftover in Path(folder).glob(f".{STEP_PREFIX}*.tmp"):  # saves cut off earlier
         shutil.rmtree(leftover, ignore_errors=True)
+
+
+@dataclass
+class Checkpoints:
+    """A run's ``checkpoints/`` folder: ``best``, the model of the lowest validation loss so
+    far, and the resumable ``step-N`` states, of which the newest ``keep`` stay.
+
+    Every process calls the saves: a sharded backend gathers each tensor from all of them,
+    and the main process alone writes.
+    """
+
+    folder: Path
+    cfg: DictConfig  # the run's resolved config, saved beside every checkpoint
+    keep: int | None = None  # resumable checkpoints kept (None: every one)
+    save_best: bool = True  # False: ``best`` is tracked, never written
+    config_writer: ConfigWriter = write_config
+
+    @property
+    def best(self) -> Path:
+        return self.folder / BEST_DIR
+
+    def save_resumable(self, step: int, engine: Engine, loop: dict[str, Any]) -> Path:
+        """A resumable checkpoint of the state after ``step`` (``loop``: the loop's own state);
+        older ones rotate out."""
+        path = self.folder / step_name(step)
+        accelerator = engine.accelerator
+        rng = gather_rng(accelerator)  # every process's, as each draws its own masks
+        # Every process: a sharded backend holds a share of the weights and optimizer state.
+        save_state(path, engine.unwrapped(), engine.optimizer, engine.scheduler,
+                   accelerator.scaler, self.cfg, loop, rng, engine.main, engine.strategy,
+                   keep=self.keep, config_writer=self.config_writer)  # fmt: skip
+        accelerator.wait_for_everyone()
+        return path
+
+    def write_best(self, engine: Engine, state: dict[str, Any]) -> None:
+        """The model now, as the new ``best`` (``state``: its step and val loss)."""
+        main = engine.main
+        if self.save_best and (main or engine.strategy.collective):  # each gathers its share
+            save_checkpoint(self.best, engine.unwrapped(), engine.tokenizer, self.cfg, state,
+                            main, engine.strategy, self.config_writer)  # fmt: skip
 
 
 def load_checkpoint(path: str | Path) -> tuple[Any, Any, DictConfig]:

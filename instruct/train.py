@@ -30,7 +30,6 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -39,28 +38,21 @@ from tqdm.auto import tqdm
 
 from instruct.checkpoint import (
     CONFIG_FILE,
+    Checkpoints,
+    ConfigWriter,
     check_resumable,
-    gather_rng,
     latest_complete,
     load_state,
     recover,
-    save_checkpoint,
-    save_state,
     set_rng_state,
-    step_name,
+    write_config,
 )
 from instruct.config import Precision, check, to_container
-from instruct.data import Example, load_splits, prompt_and_reference, provenance
+from instruct.data import Example, load_splits, provenance
 from instruct.data.batching import batch
-from instruct.data.features import (  # noqa: F401 - two names kept importable from here
-    DROPPED_NAMED,
-    describe,
-    tokenize_by_source,
-    tokenize_split,
-)
-from instruct.data.templates import to_messages
+from instruct.data.features import describe, tokenize_by_source
 from instruct.data.tokenize import Feature
-from instruct.decoding import generate
+from instruct.engine import Engine, LossFn
 from instruct.environment import environment
 from instruct.eval.runner import check_eval, eval_enabled
 from instruct.kernels.memory import keep_freed_memory
@@ -68,18 +60,17 @@ from instruct.kernels.packed_attention import trust_packing, use_packed_attentio
 from instruct.loss import loss_sum
 from instruct.model import apply_lora, base_model_of, count_parameters, fit_tokenizer
 from instruct.optim import build_optimizer, build_scheduler
-from instruct.parallel import Strategy, strategy_for
+from instruct.parallel import strategy_for
 from instruct.parallel.base import all_ranks_sum
 from instruct.parallel.launch import new_accelerator
+from instruct.samples import Samples
+from instruct.timing import Clock
 from instruct.tracking import Tracker, start_tracking
 from instruct.validation import evaluate, to_device
 
 log = logging.getLogger(__name__)
 
 # Accelerate's mixed_precision of each trainer.precision.
-# (model, batch, fused) -> (summed loss, supervised tokens), as instruct.loss.loss_sum.
-LossFn = Callable[[Any, dict[str, Any], bool], tuple[torch.Tensor, int]]
-
 PRECISIONS = {Precision.fp32: "no", Precision.bf16: "bf16", Precision.fp16: "fp16"}
 
 
@@ -106,13 +97,17 @@ def total_steps(cfg: DictConfig, n_train: int, processes: int = 1) -> int:
 
 
 def train(
-    cfg: DictConfig, command: Sequence[str] | None = None, loss_fn: LossFn = loss_sum
+    cfg: DictConfig,
+    command: Sequence[str] | None = None,
+    loss_fn: LossFn = loss_sum,
+    config_writer: ConfigWriter = write_config,
 ) -> dict[str, Any]:
     """Train as ``cfg`` says; write the best checkpoint and ``results.json`` in ``cfg.run_dir``.
 
     ``command`` is how the run was started (for the resume command printed when a signal
     stops it); by default ``python -m instruct.run`` with no overrides. ``loss_fn`` takes the
-    training micro-batches' loss (:func:`instruct.loss.loss_sum`, or a test's stand-in).
+    training micro-batches' loss (:func:`instruct.loss.loss_sum`, or a test's stand-in);
+    ``config_writer`` writes the config beside each checkpoint (or a test's failing one).
     """
     finished = finished_results(cfg)
     if finished is not None:
@@ -125,7 +120,7 @@ def train(
         finished["eval"] = evaluate_best(cfg, finished, tracker=None)
         write_results(Path(cfg.run_dir), finished)
         return finished
-    run = setup(cfg, loss_fn)
+    run, run_dir = setup(cfg, loss_fn, config_writer), Path(cfg.run_dir)
     try:
         results = run.loop()
         # What it ran on (versions, commit, machine) and the config it resolved to.
@@ -133,28 +128,23 @@ def train(
         results["config"] = to_container(cfg)
     except Interrupted as stop:
         run.tracker.finish(exit_code=1)
-        if run.accelerator.is_main_process:
-            resume = resume_command(command, run.run_dir)
-            log.warning(
-                "stopped by %s after step %d; its state is saved in %s. Resume with:\n  %s",
-                stop.signal_name, stop.step, stop.checkpoint, resume,
-            )  # fmt: skip
-            print(f"resume with: {resume}", file=sys.stderr, flush=True)
+        if run.engine.main:
+            tell_how_to_resume(stop, resume_command(command, run_dir))
         raise SystemExit(128 + stop.signum) from None
     except BaseException:
         run.tracker.finish(exit_code=1)
         raise
-    if run.accelerator.is_main_process:
+    if run.engine.main:
         if eval_enabled(cfg.eval):
             try:
-                results["eval"] = evaluate_best(cfg, results, run.tracker, run.model,
-                                                run.tokenizer)  # fmt: skip
+                results["eval"] = evaluate_best(cfg, results, run.tracker, run.engine.model,
+                                                run.engine.tokenizer)  # fmt: skip
             except BaseException:
-                write_results(run.run_dir, results)  # training's results are not lost
+                write_results(run_dir, results)  # training's results are not lost
                 run.tracker.finish(exit_code=1)
                 raise
-        write_results(run.run_dir, results)
-        write_loss_plot(results, run.run_dir / "loss.png")
+        write_results(run_dir, results)
+        write_loss_plot(results, run_dir / "loss.png")
     run.tracker.finish()
     log.info(
         "best val loss %.4f at step %d (initial %.4f); checkpoint %s",
@@ -164,6 +154,15 @@ def train(
         results["checkpoint"],
     )
     return results
+
+
+def tell_how_to_resume(stop: Interrupted, resume: str) -> None:
+    """Log where a stopped run's state is, and print the command that resumes it."""
+    log.warning(
+        "stopped by %s after step %d; its state is saved in %s. Resume with:\n  %s",
+        stop.signal_name, stop.step, stop.checkpoint, resume,
+    )  # fmt: skip
+    print(f"resume with: {resume}", file=sys.stderr, flush=True)
 
 
 def write_results(run_dir: Path, results: dict[str, Any]) -> None:
@@ -433,21 +432,13 @@ def prepare_data(
     return train_set, val_set, data_info, val_examples
 
 
-def resumed_state(
-    point: Path | None,
-    accelerator: Any,
-    model: Any,
-    optimizer: Any,
-    scheduler: Any,
-    strategy: Strategy,
-    fingerprint: str,
-) -> dict[str, Any]:
+def resumed_state(point: Path | None, engine: Engine, fingerprint: str) -> dict[str, Any]:
     """The loop state of the checkpoint at ``point``, its weights and optimizer state loaded
-    into the run's; empty for a fresh run."""
+    into the engine's; empty for a fresh run."""
     if point is None:
         return {}
-    unwrapped = accelerator.unwrap_model(model)
-    state = load_state(point, unwrapped, optimizer, scheduler, accelerator.scaler, strategy)
+    state = load_state(point, engine.unwrapped(), engine.optimizer, engine.scheduler,
+                       engine.accelerator.scaler, engine.strategy)  # fmt: skip
     if state["data_fingerprint"] != fingerprint:
         raise ValueError(
             f"trainer.resume: the tokenised data differ from those {point} was trained on "
@@ -482,7 +473,9 @@ def checked_start(cfg: DictConfig) -> Path | None:
     return point
 
 
-def setup(cfg: DictConfig, loss_fn: LossFn = loss_sum) -> Run:
+def setup(
+    cfg: DictConfig, loss_fn: LossFn = loss_sum, config_writer: ConfigWriter = write_config
+) -> Run:
     """Build everything a run needs, in data-flow order; nothing trains yet."""
     from accelerate.utils import set_seed
 
@@ -509,20 +502,14 @@ def setup(cfg: DictConfig, loss_fn: LossFn = loss_sum) -> Run:
         100 * trainable / total,
     )
     steps = total_steps(cfg, len(train_set), accelerator.num_processes)
-    strategy = strategy_for(accelerator)  # the one place the backend is asked for
-
-    def build(model: Any) -> tuple[Any, Any]:
-        optimizer = build_optimizer(model, cfg.optimizer)
-        return optimizer, build_scheduler(optimizer, cfg.optimizer, steps)
 
     def fits_packing(model: Any, device: Any) -> bool:
         return trust_packing(model, train_set, tokenizer.pad_token_id, device, attention)
 
-    model, optimizer, scheduler, packed, held = strategy.prepare(
-        model, t, cfg.optimizer.max_grad_norm, build, fits_packing
-    )
-    fingerprint = data_fingerprint(train_set, val_set)
-    state = resumed_state(point, accelerator, model, optimizer, scheduler, strategy, fingerprint)
+    engine, packed, held = prepared(cfg, accelerator, model, tokenizer, steps, fits_packing,
+                                    loss_fn)  # fmt: skip
+    data = Splits(train_set, val_set, packed)
+    state = resumed_state(point, engine, data.fingerprint)
     if state:
         log.info("resuming from %s (step %d of %d)", point, state["step"], steps)
     tracker = run_tracker(cfg, accelerator, state.get("wandb_run_id"), state.get("step"))
@@ -531,67 +518,59 @@ def setup(cfg: DictConfig, loss_fn: LossFn = loss_sum) -> Run:
         "trainable_parameters": trainable,
         "total_parameters": total,
         "world_size": accelerator.num_processes,
-        "distributed_type": strategy.name,
+        "distributed_type": engine.strategy.name,
         "parameters_on_main_process": held,  # sharded: its shards only
     }
     tracker.summary(info)
-    samples = [prompt_and_reference(e) for e in val_examples[: t.samples]]
-    run = Run(cfg, accelerator, strategy, model, tokenizer, optimizer, scheduler, tracker,
-              train_set, val_set, steps, info, samples, packed, fingerprint, loss_fn)  # fmt: skip
-    if state:
-        run.restore(state)
-    return run
+    checkpoints = Checkpoints(Path(cfg.run_dir) / "checkpoints", cfg, t.keep_checkpoints,
+                              t.save_best, config_writer)  # fmt: skip
+    samples = Samples.of(val_examples, cfg, tracker)
+    loop = LoopState.resumed(state, accelerator) if state else LoopState()
+    return Run(cfg, engine, data, tracker, checkpoints, samples, steps, info, loop)
+
+
+def prepared(
+    cfg: DictConfig,
+    accelerator: Any,
+    model: Any,
+    tokenizer: Any,
+    steps: int,
+    fits_packing: Callable[[Any, Any], bool],
+    loss_fn: LossFn = loss_sum,
+) -> tuple[Engine, bool, int]:
+    """The model prepared by its backend's strategy, with its optimizer and scheduler; whether
+    micro-batches are packed, and the parameters this process holds."""
+    strategy = strategy_for(accelerator)  # the one place the backend is asked for
+
+    def build(model: Any) -> tuple[Any, Any]:
+        optimizer = build_optimizer(model, cfg.optimizer)
+        return optimizer, build_scheduler(optimizer, cfg.optimizer, steps)
+
+    model, optimizer, scheduler, packed, held = strategy.prepare(
+        model, cfg.trainer, cfg.optimizer.max_grad_norm, build, fits_packing
+    )
+    engine = Engine(accelerator, strategy, model, tokenizer, optimizer, scheduler, loss_fn)
+    return engine, packed, held
 
 
 @dataclass
-class Clock:
-    """Where a run's time goes, as ``results.json`` and every checkpoint report it."""
+class Splits:
+    """The tokenised data a run trains and validates on."""
 
-    train_seconds: float = 0.0  # optimizer steps (and their logging) only
-    eval_seconds: float = 0.0  # validation, samples and checkpoints: not training time
-
-    def state(self) -> dict[str, float]:
-        return {"train_seconds": self.train_seconds, "eval_seconds": self.eval_seconds}
-
-    def restore(self, state: dict[str, Any]) -> None:
-        self.train_seconds = state["train_seconds"]
-        self.eval_seconds = state["eval_seconds"]
-
-
-def not_training(method: Callable[..., Any]) -> Callable[..., Any]:
-    """A :class:`Run` method whose seconds count as not training time (``eval_seconds``)."""
-
-    @functools.wraps(method)
-    def timed(run: Run, *args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        result = method(run, *args, **kwargs)
-        run.clock.eval_seconds += time.perf_counter() - start
-        return result
-
-    return timed
-
-
-@dataclass
-class Run:
-    """One training run's live objects and the state of its loop."""
-
-    cfg: DictConfig
-    accelerator: Any
-    strategy: Strategy  # what differs between backends (see instruct.parallel)
-    model: Any
-    tokenizer: Any
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    tracker: Tracker
-    train_set: list[Feature]
-    val_set: list[Feature]
-    steps: int
-    info: dict[str, Any]
-    samples: list[tuple[Example, str]]  # validation prompts shown with replies at each eval
+    train: list[Feature]
+    val: list[Feature]
     packed: bool = False  # micro-batches as packed rows (see instruct.data.batching.pack)
-    fingerprint: str = ""  # of the tokenised data (see data_fingerprint)
-    loss_fn: LossFn = loss_sum  # the training micro-batches' summed loss and token count
-    # The loop's state: everything below is saved in each resumable checkpoint.
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """Of both splits (see :func:`data_fingerprint`): what a resume must train on."""
+        return data_fingerprint(self.train, self.val)
+
+
+@dataclass
+class LoopState:
+    """Where the loop is: all of it is saved in each resumable checkpoint."""
+
     step: int = 0  # optimizer steps done
     clock: Clock = field(default_factory=Clock)
     supervised_total: int = 0
@@ -601,120 +580,96 @@ class Run:
     best_step: int = -1
     rng: dict[str, Any] | None = None  # RNG states to set before the next step (on resume)
 
-    def loop_state(self) -> dict[str, Any]:
-        best = self.best_val_loss if math.isfinite(self.best_val_loss) else None
-        return {
-            "step": self.step,
-            "steps": self.steps,
-            "best_val_loss": best,
-            "best_step": self.best_step,
-            "best_checkpoint": str(self.best_dir) if self.best_step >= 0 else None,
-            "initial_val_loss": self.initial_val_loss,
-            "history": self.history,
-            "supervised_tokens": self.supervised_total,
-            **self.clock.state(),
-            "wandb_run_id": self.tracker.run_id,
-            "data_fingerprint": self.fingerprint,
-        }
-
-    def restore(self, state: dict[str, Any]) -> None:
-        self.step = state["step"]
-        best = state["best_val_loss"]
-        self.best_val_loss = best if best is not None else math.inf
-        self.best_step = state["best_step"]
-        self.initial_val_loss = state["initial_val_loss"]
-        self.history = state["history"]
-        self.supervised_total = state["supervised_tokens"]
-        self.clock.restore(state)
+    @classmethod
+    def resumed(cls, state: dict[str, Any], accelerator: Any) -> LoopState:
+        """The state a checkpoint saved (see :func:`instruct.checkpoint.load_state`), with this
+        process's random states."""
+        clock = Clock()
+        clock.restore(state)
         ranks = state["rng"]
-        if len(ranks) != self.accelerator.num_processes:
+        if len(ranks) != accelerator.num_processes:
             log.warning(
                 "the checkpoint was saved by %d processes and this run has %d: random states "
                 "(dropout masks) continue from process 0's, so the resume is not exact",
-                len(ranks), self.accelerator.num_processes,
+                len(ranks), accelerator.num_processes,
             )  # fmt: skip
-        self.rng = ranks[self.accelerator.process_index % len(ranks)]
-
-    @not_training
-    def save_resumable(self) -> Path:
-        """A resumable checkpoint of the state after ``self.step``; older ones rotate out."""
-        path = self.run_dir / "checkpoints" / step_name(self.step)
-        rng = gather_rng(self.accelerator)  # every process's, as each draws its own masks
-        main = self.accelerator.is_main_process
-        # Every process: a sharded backend holds a share of the weights and optimizer state.
-        model = self.accelerator.unwrap_model(self.model)
-        save_state(path, model, self.optimizer, self.scheduler, self.accelerator.scaler,
-                   self.cfg, self.loop_state(), rng, main, self.strategy,
-                   keep=self.cfg.trainer.keep_checkpoints)  # fmt: skip
-        self.accelerator.wait_for_everyone()
-        return path
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.cfg.run_dir)
-
-    @functools.cached_property
-    def scorer(self) -> Any:
-        """What training losses are taken with (see :meth:`Strategy.scorer`)."""
-        return self.strategy.scorer(self.model)
-
-    @property
-    def best_dir(self) -> Path:
-        return self.run_dir / "checkpoints" / "best"
-
-    @not_training
-    def validate(self, step: int) -> float:
-        """Val loss now; a new best replaces ``checkpoints/best``. NaN never becomes best."""
-        t = self.cfg.trainer
-        val_loss = evaluate(
-            self.strategy.evaluated(self.model, self.scorer),
-            self.val_set,
-            t.eval_batch_size or t.batch_size,
-            self.tokenizer.pad_token_id,
-            self.accelerator.device,
-            self.packed,
-            self.accelerator.autocast,
-            t.fused_loss,
-            self.accelerator,
-            self.strategy.lockstep,
+        best = state["best_val_loss"]
+        return cls(
+            step=state["step"],
+            clock=clock,
+            supervised_total=state["supervised_tokens"],
+            initial_val_loss=state["initial_val_loss"],
+            history=state["history"],
+            best_val_loss=best if best is not None else math.inf,
+            best_step=state["best_step"],
+            rng=ranks[accelerator.process_index % len(ranks)],
         )
-        self.history["val"].append([step, val_loss])
-        self.tracker.log(
-            {"val/loss": val_loss, "val/perplexity": math.exp(min(val_loss, 50))}, step
-        )
-        main = self.accelerator.is_main_process
-        if self.samples and (main or self.strategy.lockstep):  # lockstep: every process
-            self.log_samples(step)
-        if math.isfinite(val_loss) and val_loss < self.best_val_loss:
-            self.best_val_loss, self.best_step = val_loss, step
-            if t.save_best and (main or self.strategy.collective):  # each gathers its share
-                model = self.accelerator.unwrap_model(self.model)
-                state = {"step": step, "val_loss": val_loss}
-                save_checkpoint(
-                    self.best_dir, model, self.tokenizer, self.cfg, state, main, self.strategy
-                )
-        return val_loss
 
-    def log_samples(self, step: int) -> None:
-        """Greedy replies to a few validation prompts, as a table (W&B and samples.jsonl).
 
-        In lockstep every process generates them, in step (see :meth:`Strategy.generating`).
-        """
-        template = self.cfg.template
-        greedy = SimpleNamespace(
-            max_new_tokens=self.cfg.trainer.sample_max_new_tokens,
-            do_sample=False,
-            repetition_penalty=1.0,
-        )
-        prompts = [to_messages(example, template) for example, _ in self.samples]
-        model = self.accelerator.unwrap_model(self.model)
-        with self.accelerator.autocast(), self.strategy.generating(model):
-            replies = generate(model, self.tokenizer, template, prompts, greedy)
-        rows = [
-            [step, prompt[-1]["content"], reference, reply]
-            for prompt, (_, reference), reply in zip(prompts, self.samples, replies, strict=True)
-        ]
-        self.tracker.table("samples", ["step", "prompt", "reference", "response"], rows, step)
+@dataclass
+class Run:
+    """One training run: what trains, on what data, where the loop is, and what it writes."""
+
+    cfg: DictConfig
+    engine: Engine  # model, tokenizer, optimizer and scheduler on their backend
+    data: Splits
+    tracker: Tracker
+    checkpoints: Checkpoints  # best and resumable, under the run folder
+    samples: Samples  # validation prompts shown with replies at each validation
+    steps: int  # optimizer steps of the whole run
+    info: dict[str, Any]  # what results.json reports of the set-up
+    state: LoopState = field(default_factory=LoopState)
+
+    def loop(self) -> dict[str, Any]:
+        with stop_signals() as stop:
+            return self.train_steps(stop)
+
+    def train_steps(self, stop: list[int]) -> dict[str, Any]:
+        """Validate, then train from the loop's step to the end. A signal in ``stop`` ends the
+        loop after the step in progress, with a checkpoint."""
+        t, state, clock = self.cfg.trainer, self.state, self.state.clock
+        if state.initial_val_loss is None:  # not on a resume: its history has step 0
+            with clock.not_training():
+                state.initial_val_loss = self.validate(0)
+        if stop:
+            with clock.not_training():
+                checkpoint = self.save()
+            raise Interrupted(stop[0], state.step, checkpoint)
+        schedule = self.remaining_batches()
+        every = t.checkpoint_every or t.eval_every
+        self.engine.model.train()
+        recent = deque((loss for _, loss in state.history["train"][-10:]), maxlen=10)
+        bar = tqdm(range(state.step + 1, self.steps + 1), desc="train", unit="step",
+                   initial=state.step, total=self.steps, dynamic_ncols=True)  # fmt: skip
+        for step in bar:
+            with clock.training() as elapsed:
+                epoch, indices = next(schedule)
+                micro_batches = [[self.data.train[i] for i in mb] for mb in indices]
+                train_loss, n_sup, grad_norm = self.step_once(micro_batches)
+                self.check_finite(step, train_loss)
+                seconds = elapsed()
+                state.supervised_total += n_sup
+                state.history["train"].append([step, train_loss])
+                recent.append(train_loss)
+                if step % t.log_every == 0 or step == self.steps:
+                    n_tok = sum(len(f.input_ids) for mb in micro_batches for f in mb)
+                    self.log_step(step, epoch, train_loss, grad_norm, n_tok / seconds,
+                                  n_sup / seconds)  # fmt: skip
+            if step % t.eval_every == 0 or step == self.steps:
+                with clock.not_training():
+                    self.validate(step)
+            state.step = step
+            self.agree_to_stop(stop)
+            if step % every == 0 or step == self.steps or stop:
+                with clock.not_training():
+                    checkpoint = self.save()
+                if stop:
+                    raise Interrupted(stop[0], step, checkpoint)
+            bar.set_postfix(
+                loss=f"{sum(recent) / len(recent):.3f}", val=f"{state.history['val'][-1][1]:.3f}"
+            )
+        bar.close()
+        return self.results()
 
     def step_once(self, micro_batches: list[list[Feature]]) -> tuple[float, int, float]:
         """One optimizer step over ``micro_batches``: (mean token loss, supervised, grad norm).
@@ -725,97 +680,108 @@ class Run:
         so the gradient is that of the mean over all of them, however the step is split. With
         loss weights, by the sum of their weights: the weighted mean.
         """
+        e = self.engine
         n_sup = sum(f.supervised for mb in micro_batches for f in mb)  # of every process
         denominator: float = n_sup
         if any(f.weights is not None for mb in micro_batches for f in mb):
             denominator = sum(f.supervised_weight for mb in micro_batches for f in mb)
-        pad_id, device = self.tokenizer.pad_token_id, self.accelerator.device
-        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        pad_id, device = e.tokenizer.pad_token_id, e.accelerator.device
+        world, rank = e.accelerator.num_processes, e.accelerator.process_index
         total = 0.0
         for k, mb in enumerate(micro_batches):
             mine, weight = mb[rank::world], 1.0
             if not mine:  # fewer examples than processes: run one for nothing, to stay in step
                 mine, weight = mb[:1], 0.0
-            inputs = to_device(batch(mine, pad_id, self.packed), device)
+            inputs = to_device(batch(mine, pad_id, self.data.packed), device)
             last = k == len(micro_batches) - 1
-            with self.strategy.accumulating(self.model, last):
-                with self.accelerator.autocast():
-                    loss, _ = self.loss_fn(self.scorer, inputs, self.cfg.trainer.fused_loss)
+            with e.strategy.accumulating(e.model, last):
+                with e.accelerator.autocast():
+                    loss, _ = e.loss_fn(e.scorer, inputs, self.cfg.trainer.fused_loss)
                 # Every multi-process backend averages gradients over processes; times
                 # world, they add up.
                 scaled = loss * (weight * world / denominator)
-                self.strategy.backward(self.model, scaled, last)
+                e.strategy.backward(e.model, scaled, last)
             total += loss.item() * weight
-        (total,) = all_ranks_sum(self.accelerator, total)
+        (total,) = all_ranks_sum(e.accelerator, total)
         max_norm = self.cfg.optimizer.max_grad_norm
-        grad_norm = self.strategy.optimizer_step(self.model, self.optimizer, max_norm)
-        self.scheduler.step()
+        grad_norm = e.strategy.optimizer_step(e.model, e.optimizer, max_norm)
+        e.scheduler.step()
         return total / denominator, n_sup, grad_norm
 
-    def loop(self) -> dict[str, Any]:
-        with stop_signals() as stop:
-            return self.train_steps(stop)
+    def validate(self, step: int) -> float:
+        """Val loss now, and the samples' replies; a new best is kept (``checkpoints/best``).
+        NaN never becomes best."""
+        t, e, state = self.cfg.trainer, self.engine, self.state
+        val_loss = evaluate(
+            e.strategy.evaluated(e.model, e.scorer),
+            self.data.val,
+            t.eval_batch_size or t.batch_size,
+            e.tokenizer.pad_token_id,
+            e.accelerator.device,
+            self.data.packed,
+            e.accelerator.autocast,
+            t.fused_loss,
+            e.accelerator,
+            e.strategy.lockstep,
+        )
+        state.history["val"].append([step, val_loss])
+        self.tracker.log(
+            {"val/loss": val_loss, "val/perplexity": math.exp(min(val_loss, 50))}, step
+        )
+        self.samples.log(step, e)
+        if math.isfinite(val_loss) and val_loss < state.best_val_loss:
+            state.best_val_loss, state.best_step = val_loss, step
+            self.checkpoints.write_best(e, {"step": step, "val_loss": val_loss})
+        return val_loss
 
-    def train_steps(self, stop: list[int]) -> dict[str, Any]:
-        """Validate, then train from ``self.step`` to the end. A signal in ``stop`` ends the
-        loop after the step in progress, with a checkpoint."""
-        t = self.cfg.trainer
-        if self.initial_val_loss is None:  # not on a resume: its history has step 0
-            self.initial_val_loss = self.validate(0)
-        if stop:
-            raise Interrupted(stop[0], self.step, self.save_resumable())
-        world = self.accelerator.num_processes
-        schedule = self.remaining_batches()
-        every = t.checkpoint_every or t.eval_every
-        self.model.train()
-        recent = deque((loss for _, loss in self.history["train"][-10:]), maxlen=10)
-        bar = tqdm(range(self.step + 1, self.steps + 1), desc="train", unit="step",
-                   initial=self.step, total=self.steps, dynamic_ncols=True)  # fmt: skip
-        for step in bar:
-            step_start = time.perf_counter()
-            epoch, indices = next(schedule)
-            micro_batches = [[self.train_set[i] for i in mb] for mb in indices]
-            train_loss, n_sup, grad_norm = self.step_once(micro_batches)
-            if not math.isfinite(train_loss):
-                raise FloatingPointError(
-                    f"step {step}: training loss is {train_loss}; the best checkpoint so far "
-                    f"(step {self.best_step}) is kept in {self.best_dir}. Lower optimizer.lr?"
-                )
-            seconds = time.perf_counter() - step_start
-            n_tok = sum(len(f.input_ids) for mb in micro_batches for f in mb)
-            self.supervised_total += n_sup
-            self.history["train"].append([step, train_loss])
-            recent.append(train_loss)
-            if step % t.log_every == 0 or step == self.steps:
-                self.log_step(step, epoch, train_loss, grad_norm, n_tok / seconds, n_sup / seconds)
-            self.clock.train_seconds += time.perf_counter() - step_start
-            if step % t.eval_every == 0 or step == self.steps:
-                self.validate(step)
-            self.step = step
-            if world > 1 and any(all_ranks_sum(self.accelerator, float(bool(stop)))):
-                stop[:] = stop or [signal.SIGTERM]  # every process stops at the same step
-            if step % every == 0 or step == self.steps or stop:
-                checkpoint = self.save_resumable()
-                if stop:
-                    raise Interrupted(stop[0], step, checkpoint)
-            bar.set_postfix(
-                loss=f"{sum(recent) / len(recent):.3f}", val=f"{self.history['val'][-1][1]:.3f}"
+    def save(self) -> Path:
+        """A resumable checkpoint of the state after the loop's step."""
+        return self.checkpoints.save_resumable(self.state.step, self.engine, self.loop_state())
+
+    def loop_state(self) -> dict[str, Any]:
+        """What each resumable checkpoint saves of the loop (see :meth:`LoopState.resumed`)."""
+        s = self.state
+        best = s.best_val_loss if math.isfinite(s.best_val_loss) else None
+        return {
+            "step": s.step,
+            "steps": self.steps,
+            "best_val_loss": best,
+            "best_step": s.best_step,
+            "best_checkpoint": str(self.checkpoints.best) if s.best_step >= 0 else None,
+            "initial_val_loss": s.initial_val_loss,
+            "history": s.history,
+            "supervised_tokens": s.supervised_total,
+            **s.clock.state(),
+            "wandb_run_id": self.tracker.run_id,
+            "data_fingerprint": self.data.fingerprint,
+        }
+
+    def check_finite(self, step: int, train_loss: float) -> None:
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(
+                f"step {step}: training loss is {train_loss}; the best checkpoint so far "
+                f"(step {self.state.best_step}) is kept in {self.checkpoints.best}. "
+                "Lower optimizer.lr?"
             )
-        bar.close()
-        return self.results()
+
+    def agree_to_stop(self, stop: list[int]) -> None:
+        """On several processes, a signal to any stops every one at the same step."""
+        accelerator = self.engine.accelerator
+        if accelerator.num_processes > 1 and any(all_ranks_sum(accelerator, float(bool(stop)))):
+            stop[:] = stop or [signal.SIGTERM]
 
     def remaining_batches(self) -> Iterator[tuple[int, list[list[int]]]]:
-        """The step schedule from ``self.step`` on; on a resume, the random generators as
+        """The step schedule from the loop's step on; on a resume, the random generators as
         they were right after the checkpoint's step."""
-        t, world = self.cfg.trainer, self.accelerator.num_processes
+        t, world = self.cfg.trainer, self.engine.accelerator.num_processes
         schedule = step_batches(
-            len(self.train_set), t.batch_size * world, t.grad_accum, self.cfg.seed
+            len(self.data.train), t.batch_size * world, t.grad_accum, self.cfg.seed
         )
-        for _ in range(self.step):  # the batches a resumed run already trained on
+        for _ in range(self.state.step):  # the batches a resumed run already trained on
             next(schedule)
-        if self.rng is not None:
-            set_rng_state(self.rng)
-            self.rng = None
+        if self.state.rng is not None:
+            set_rng_state(self.state.rng)
+            self.state.rng = None
         return schedule
 
     def log_step(
@@ -830,7 +796,7 @@ class Run:
         self.tracker.log(
             {
                 "train/loss": train_loss,
-                "train/lr": self.scheduler.get_last_lr()[0],
+                "train/lr": self.engine.scheduler.get_last_lr()[0],
                 "train/grad_norm": grad_norm,
                 "train/epoch": epoch,
                 "train/tokens_per_s": tokens_per_s,
@@ -841,24 +807,25 @@ class Run:
 
     def results(self) -> dict[str, Any]:
         """What ``results.json`` holds of the loop (the W&B summary gets the best)."""
-        t = self.cfg.trainer
-        summary = {"best_val_loss": self.best_val_loss, "best_step": self.best_step}
+        t, s = self.cfg.trainer, self.state
+        summary = {"best_val_loss": s.best_val_loss, "best_step": s.best_step}
         self.tracker.summary(summary)
+        best = self.checkpoints.best
         return {
             **summary,
-            "initial_val_loss": self.initial_val_loss,
-            "final_val_loss": self.history["val"][-1][1],
-            "final_train_loss": self.history["train"][-1][1] if self.history["train"] else None,
-            "train_loss_history": self.history["train"],
-            "val_loss_history": self.history["val"],
-            "supervised_tokens": self.supervised_total,
+            "initial_val_loss": s.initial_val_loss,
+            "final_val_loss": s.history["val"][-1][1],
+            "final_train_loss": s.history["train"][-1][1] if s.history["train"] else None,
+            "train_loss_history": s.history["train"],
+            "val_loss_history": s.history["val"],
+            "supervised_tokens": s.supervised_total,
             "steps": self.steps,
             "length": {"max_steps": t.max_steps, "epochs": t.epochs},
-            **self.clock.state(),  # optimizer steps; validations, samples and checkpoints
-            "packing": self.packed,
+            **s.clock.state(),  # optimizer steps; validations, samples and checkpoints
+            "packing": self.data.packed,
             # What the validation loss was measured on: runs whose fingerprints differ
             # (another template or data set) have losses that cannot be compared.
-            "val_fingerprint": data_fingerprint(self.val_set),
-            "checkpoint": str(self.best_dir) if t.save_best else None,
+            "val_fingerprint": data_fingerprint(self.data.val),
+            "checkpoint": str(best) if self.checkpoints.save_best else None,
             **self.info,
         }

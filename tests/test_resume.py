@@ -27,6 +27,7 @@ from instruct.checkpoint import (
     load_checkpoint,
     step_checkpoints,
     step_name,
+    write_config,
 )
 from instruct.loss import loss_sum
 from instruct.tracking import read_offline_run
@@ -231,24 +232,20 @@ def test_checkpoints_rotate_and_an_incomplete_one_is_skipped(toy_data, tmp_path,
 
 
 @pytest.mark.slow
-def test_a_save_that_fails_midway_leaves_the_previous_checkpoints(toy_data, tmp_path, monkeypatch):
+def test_a_save_that_fails_midway_leaves_the_previous_checkpoints(toy_data, tmp_path):
     """The writer raises half-way through a save (weights written, config not): the run fails,
     and the previous best and latest checkpoints still load; the run resumes from them."""
-    import instruct.checkpoint as checkpoint
-
-    run_dir = tmp_path / "run"
-    real, calls = checkpoint.write_config, []
+    run_dir, calls = tmp_path / "run", []
 
     def failing(folder, cfg):
         calls.append(folder)
         if len(calls) == 4:  # best at 0, best at 2, state at 2, then this one
             raise OSError(28, "No space left on device")
-        real(folder, cfg)
+        write_config(folder, cfg)
 
-    monkeypatch.setattr(checkpoint, "write_config", failing)
     with pytest.raises(OSError, match="No space left"):
-        short_run(toy_data, run_dir)
-    monkeypatch.setattr(checkpoint, "write_config", real)
+        short_run(toy_data, run_dir, config_writer=failing)
+    assert len(calls) == 4
     folder = run_dir / "checkpoints"
     assert latest_complete(folder) == folder / step_name(2)
     assert_best_reloads(run_dir, best_val_loss(run_dir))

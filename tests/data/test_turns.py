@@ -486,9 +486,11 @@ def test_a_weight_zero_turn_contributes_nothing(templates, tiny):
 def test_a_step_divides_by_the_weights_of_every_micro_batch(templates, tiny):
     """Run.step_once over two micro-batches: the step's loss is sum(w * loss) / sum(w) of
     all of them, and so is its gradient (an SGD step of lr 1 moves each weight by it)."""
+    from instruct.engine import Engine
     from instruct.loss import loss_sum
     from instruct.parallel import strategy_for
-    from instruct.train import Run, new_accelerator
+    from instruct.parallel.launch import new_accelerator
+    from instruct.train import Run, Splits
 
     model, tok, cfg = tiny
     model = copy.deepcopy(model)
@@ -500,17 +502,13 @@ def test_a_step_divides_by_the_weights_of_every_micro_batch(templates, tiny):
     model.zero_grad(set_to_none=True)
     before = [p.detach().clone() for p in model.parameters()]
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     accelerator = new_accelerator("no")
+    engine = Engine(accelerator, strategy_for(accelerator), model, tok, optimizer, scheduler,
+                    loss_sum)  # fmt: skip
     run = SimpleNamespace(
-        tokenizer=tok,
-        accelerator=accelerator,
-        strategy=strategy_for(accelerator),
-        model=model,
-        scorer=model,
-        loss_fn=loss_sum,
-        packed=True,
-        optimizer=optimizer,
-        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
+        engine=engine,
+        data=Splits(features, [], packed=True),
         cfg=SimpleNamespace(
             trainer=SimpleNamespace(fused_loss=True), optimizer=SimpleNamespace(max_grad_norm=None)
         ),

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from instruct.config import compose
 from instruct.data import load_splits
+from instruct.data.features import tokenize_split
 from instruct.kernels.packed_attention import PACKED_ATTENTION, use_packed_attention
 from instruct.model import apply_lora, build_model, fit_tokenizer
-from instruct.train import tokenize_split
 
 
 def tiny(*overrides: str, packed: bool = True):
