@@ -147,6 +147,19 @@ class Tracker:
             for key, value in values.items():
                 self.run.summary[key] = value
 
+    def where(self) -> str | None:
+        """Where the W&B run is: its URL online, its folder offline (to ``wandb sync``)."""
+        run = self.run
+        if run is None:
+            return None
+        offline = getattr(run, "offline", None)
+        if offline is None:
+            offline = getattr(getattr(run, "settings", None), "mode", "") == "offline"
+        if offline:
+            folder = Path(run.dir).parent  # offline-run-<time>-<id>
+            return f"{folder} (offline; upload with: wandb sync {folder})"
+        return run.url
+
     def finish(self, exit_code: int = 0) -> None:
         self._file.close()
         if self.run is not None:

@@ -55,6 +55,7 @@ from instruct.data.tokenize import Feature
 from instruct.engine import Engine, LossFn
 from instruct.environment import environment
 from instruct.eval.runner import check_eval, eval_enabled
+from instruct.hardware import choose_precision
 from instruct.kernels.memory import keep_freed_memory
 from instruct.kernels.packed_attention import trust_packing, use_packed_attention
 from instruct.loss import loss_sum
@@ -64,6 +65,7 @@ from instruct.parallel import strategy_for
 from instruct.parallel.base import all_ranks_sum
 from instruct.parallel.launch import new_accelerator
 from instruct.samples import Samples
+from instruct.summary import end_summary, peak_memory
 from instruct.timing import Clock
 from instruct.tracking import Tracker, start_tracking
 from instruct.validation import evaluate, to_device
@@ -120,6 +122,7 @@ def train(
         finished["eval"] = evaluate_best(cfg, finished, tracker=None)
         write_results(Path(cfg.run_dir), finished)
         return finished
+    start = time.perf_counter()
     run, run_dir = setup(cfg, loss_fn, config_writer), Path(cfg.run_dir)
     try:
         results = run.loop()
@@ -134,26 +137,37 @@ def train(
     except BaseException:
         run.tracker.finish(exit_code=1)
         raise
-    if run.engine.main:
-        if eval_enabled(cfg.eval):
-            try:
+    summary = finish_main(cfg, run, results, start) if run.engine.main else None
+    run.tracker.finish()
+    if summary:
+        print(summary, flush=True)  # last, after W&B's own closing lines
+    return results
+
+
+def finish_main(cfg: DictConfig, run: Run, results: dict[str, Any], start: float) -> str:
+    """On the main process: the eval suites (when configured), ``results.json`` with the time
+    split and peak memory, and the loss plot; the end-of-run summary to print."""
+    run_dir, clock = Path(cfg.run_dir), run.state.clock
+    if eval_enabled(cfg.eval):
+        try:
+            with clock.phase("eval"):
                 results["eval"] = evaluate_best(cfg, results, run.tracker, run.engine.model,
                                                 run.engine.tokenizer)  # fmt: skip
-            except BaseException:
-                write_results(run_dir, results)  # training's results are not lost
-                run.tracker.finish(exit_code=1)
-                raise
-        write_results(run_dir, results)
-        write_loss_plot(results, run_dir / "loss.png")
-    run.tracker.finish()
-    log.info(
-        "best val loss %.4f at step %d (initial %.4f); checkpoint %s",
-        results["best_val_loss"],
-        results["best_step"],
-        results["initial_val_loss"],
-        results["checkpoint"],
-    )
-    return results
+        except BaseException:
+            write_results(run_dir, results)  # training's results are not lost
+            run.tracker.finish(exit_code=1)
+            raise
+    results["time_split"] = clock.state()["time_split"]
+    results["total_seconds"] = time.perf_counter() - start  # this process's wall time
+    results["memory"] = peak_memory()
+    write_results(run_dir, results)
+    plot = run_dir / "loss.png"
+    write_loss_plot(results, plot)
+    summary = end_summary(results, str(plot) if plot.is_file() else None, run.tracker.where())
+    log.info("best val loss %.4f at step %d (initial %.4f); checkpoint %s",
+             results["best_val_loss"], results["best_step"], results["initial_val_loss"],
+             results["checkpoint"])  # fmt: skip
+    return summary
 
 
 def tell_how_to_resume(stop: Interrupted, resume: str) -> None:
@@ -485,31 +499,30 @@ def setup(
     set_seed(cfg.seed)
     if t.keep_freed_memory and keep_freed_memory():
         log.info("trainer.keep_freed_memory: freed memory is reused, not returned to the OS")
-    accelerator = new_accelerator(PRECISIONS[Precision(t.precision)])
+    precision = training_precision(t.precision)
+    accelerator = new_accelerator(PRECISIONS[precision])
+    clock = Clock()  # this session's load and prepare; a resume adds what came before
 
-    with accelerator.local_main_process_first():  # converted-model cache: one writer a node
+    with clock.phase("load"), accelerator.local_main_process_first():  # one cache writer
         model, tokenizer = base_model_of(cfg.model)
-    new_token_ids = fit_tokenizer(model, tokenizer, cfg.template)
-    attention = use_packed_attention(model) if t.packing else None
-    train_set, val_set, data_info, val_examples = prepare_data(cfg, tokenizer, accelerator)
+        new_token_ids = fit_tokenizer(model, tokenizer, cfg.template)
+        attention = use_packed_attention(model) if t.packing else None
+    with clock.phase("prepare"):
+        train_set, val_set, data_info, val_examples = prepare_data(cfg, tokenizer, accelerator)
+    with clock.phase("load"):
+        model = apply_lora(model, cfg.lora, new_token_ids)
+        trainable, total = count_parameters(model)
+        log.info("parameters: %s trainable / %s total (%.2f%%)", f"{trainable:,}",
+                 f"{total:,}", 100 * trainable / total)  # fmt: skip
+        steps = total_steps(cfg, len(train_set), accelerator.num_processes)
 
-    model = apply_lora(model, cfg.lora, new_token_ids)
-    trainable, total = count_parameters(model)
-    log.info(
-        "parameters: %s trainable / %s total (%.2f%%)",
-        f"{trainable:,}",
-        f"{total:,}",
-        100 * trainable / total,
-    )
-    steps = total_steps(cfg, len(train_set), accelerator.num_processes)
+        def fits_packing(model: Any, device: Any) -> bool:
+            return trust_packing(model, train_set, tokenizer.pad_token_id, device, attention)
 
-    def fits_packing(model: Any, device: Any) -> bool:
-        return trust_packing(model, train_set, tokenizer.pad_token_id, device, attention)
-
-    engine, packed, held = prepared(cfg, accelerator, model, tokenizer, steps, fits_packing,
-                                    loss_fn)  # fmt: skip
-    data = Splits(train_set, val_set, packed)
-    state = resumed_state(point, engine, data.fingerprint)
+        engine, packed, held = prepared(cfg, accelerator, model, tokenizer, steps,
+                                        fits_packing, loss_fn)  # fmt: skip
+        data = Splits(train_set, val_set, packed)
+        state = resumed_state(point, engine, data.fingerprint)
     if state:
         log.info("resuming from %s (step %d of %d)", point, state["step"], steps)
     tracker = run_tracker(cfg, accelerator, state.get("wandb_run_id"), state.get("step"))
@@ -520,13 +533,26 @@ def setup(
         "world_size": accelerator.num_processes,
         "distributed_type": engine.strategy.name,
         "parameters_on_main_process": held,  # sharded: its shards only
+        "precision": precision.value,  # trainer.precision=auto: the one it chose
     }
     tracker.summary(info)
     checkpoints = Checkpoints(Path(cfg.run_dir) / "checkpoints", cfg, t.keep_checkpoints,
                               t.save_best, config_writer)  # fmt: skip
     samples = Samples.of(val_examples, cfg, tracker)
-    loop = LoopState.resumed(state, accelerator) if state else LoopState()
+    loop = LoopState.resumed(state, accelerator, clock) if state else LoopState(clock=clock)
     return Run(cfg, engine, data, tracker, checkpoints, samples, steps, info, loop)
+
+
+def training_precision(requested: Precision) -> Precision:
+    """``trainer.precision`` for this machine: ``auto`` resolved, and a warning where bf16 is
+    slower than fp32 (see :mod:`instruct.hardware`)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and torch.backends.mps.is_available():
+        device = "mps"
+    chosen, warning = choose_precision(Precision(requested), torch.device(device))
+    if warning:
+        log.warning(warning)
+    return chosen
 
 
 def prepared(
@@ -581,10 +607,9 @@ class LoopState:
     rng: dict[str, Any] | None = None  # RNG states to set before the next step (on resume)
 
     @classmethod
-    def resumed(cls, state: dict[str, Any], accelerator: Any) -> LoopState:
+    def resumed(cls, state: dict[str, Any], accelerator: Any, clock: Clock) -> LoopState:
         """The state a checkpoint saved (see :func:`instruct.checkpoint.load_state`), with this
-        process's random states."""
-        clock = Clock()
+        process's random states; ``clock`` (this session's so far) goes on from its times."""
         clock.restore(state)
         ranks = state["rng"]
         if len(ranks) != accelerator.num_processes:
@@ -711,8 +736,25 @@ class Run:
     def validate(self, step: int) -> float:
         """Val loss now, and the samples' replies; a new best is kept (``checkpoints/best``).
         NaN never becomes best."""
-        t, e, state = self.cfg.trainer, self.engine, self.state
-        val_loss = evaluate(
+        e, state, clock = self.engine, self.state, self.state.clock
+        with clock.phase("validate"):
+            val_loss = self.val_loss()
+        state.history["val"].append([step, val_loss])
+        self.tracker.log(
+            {"val/loss": val_loss, "val/perplexity": math.exp(min(val_loss, 50))}, step
+        )
+        with clock.phase("samples"):
+            self.samples.log(step, e)
+        if math.isfinite(val_loss) and val_loss < state.best_val_loss:
+            state.best_val_loss, state.best_step = val_loss, step
+            with clock.phase("checkpoints"):
+                self.checkpoints.write_best(e, {"step": step, "val_loss": val_loss})
+        return val_loss
+
+    def val_loss(self) -> float:
+        """The mean loss over the validation split's supervised tokens."""
+        t, e = self.cfg.trainer, self.engine
+        return evaluate(
             e.strategy.evaluated(e.model, e.scorer),
             self.data.val,
             t.eval_batch_size or t.batch_size,
@@ -724,19 +766,11 @@ class Run:
             e.accelerator,
             e.strategy.lockstep,
         )
-        state.history["val"].append([step, val_loss])
-        self.tracker.log(
-            {"val/loss": val_loss, "val/perplexity": math.exp(min(val_loss, 50))}, step
-        )
-        self.samples.log(step, e)
-        if math.isfinite(val_loss) and val_loss < state.best_val_loss:
-            state.best_val_loss, state.best_step = val_loss, step
-            self.checkpoints.write_best(e, {"step": step, "val_loss": val_loss})
-        return val_loss
 
     def save(self) -> Path:
         """A resumable checkpoint of the state after the loop's step."""
-        return self.checkpoints.save_resumable(self.state.step, self.engine, self.loop_state())
+        with self.state.clock.phase("checkpoints"):
+            return self.checkpoints.save_resumable(self.state.step, self.engine, self.loop_state())
 
     def loop_state(self) -> dict[str, Any]:
         """What each resumable checkpoint saves of the loop (see :meth:`LoopState.resumed`)."""

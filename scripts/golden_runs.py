@@ -50,7 +50,7 @@ TWO = ["trainer.batch_size=4", "lora.dropout=0.0"]
 VOLATILE = {"train_seconds", "eval_seconds", "total_seconds", "seconds", "checkpoint",
             "tokens_per_s", "supervised_tokens_per_s", "train/tokens_per_s",
             "train/supervised_tokens_per_s", "path", "run_dir", "versions", "environment",
-            "config"}  # fmt: skip
+            "config", "time_split", "memory"}  # fmt: skip
 
 
 @dataclass

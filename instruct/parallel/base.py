@@ -16,7 +16,6 @@ from typing import Any, NamedTuple
 
 import torch
 
-from instruct.config import Precision
 from instruct.kernels.memory import cast_frozen
 from instruct.parallel.full_state import whole
 
@@ -101,7 +100,7 @@ class Strategy:
         held = local_parameters(model)  # before any forward gathers some
         unwrapped = accelerator.unwrap_model(model)
         packed = trainer.packing and fits_packing(unwrapped, accelerator.device)
-        if trainer.precision == Precision.bf16:
+        if accelerator.mixed_precision == "bf16":  # trainer.precision, auto resolved
             cast_frozen(unwrapped, torch.bfloat16)
         return Prepared(model, optimizer, scheduler, packed, held)
 

@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from instruct.config import Precision
 from instruct.kernels.memory import cast_frozen
 from instruct.parallel.base import (
     BuildOptimizer,
@@ -147,7 +146,7 @@ class Fsdp(Strategy):
         (half the memory)."""
         accelerator = self.accelerator
         packed = trainer.packing and main_decides(accelerator, lambda: fits_packing(model, "cpu"))
-        if trainer.precision == Precision.bf16:
+        if accelerator.mixed_precision == "bf16":  # trainer.precision, auto resolved
             cast_frozen(model, torch.bfloat16)
         optimizer, scheduler = build(model)
         model, optimizer = accelerator.prepare(model, optimizer)
