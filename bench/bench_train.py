@@ -6,6 +6,8 @@
     python bench/bench_train.py --workloads prep                  # dataset preparation only
     python bench/bench_train.py --workloads prep_1m --repeats 1   # 1M rows from Parquet
     python bench/bench_train.py --json bench-train.json           # also keep every raw figure
+    python bench/bench_train.py --device cuda --workloads smollm2 smollm2-1.7b --precisions bf16 \
+        --sides ours trl liger --repeats 1                        # on a GPU (bench/gpu.sh)
 
 TRL is a benchmark-only dependency: ``pip install -e ".[bench]"``.
 
@@ -16,12 +18,15 @@ decay 0, max_grad_norm 1.0, one epoch, loss on completions only, on every side):
   token vocabulary, tied head), full fine-tuning at LR 1e-3 on 256 examples;
 - ``smollm2``: SmolLM2-135M-Instruct with LoRA (rank 16, alpha 32, dropout 0.05, all linear
   layers) at LR 1e-4 on 48 examples;
+- ``smollm2-1.7b`` (only when named): SmolLM2-1.7B's published shape with random weights
+  (built in-process, nothing downloaded), LoRA and data as ``smollm2``;
 - ``prep``: dataset preparation of 20,000 examples, TRL's against ours (twice: cold, cached).
 - ``prep_1m`` (only when named; ``--rows`` sets its size): a million Alpaca-sized rows from
   Parquet, streamed by ours in record batches, against TRL's from_parquet + SFTTrainer.
 
 Each (workload, precision, side, repeat) runs in its own child process, so the peak RSS
-(``ru_maxrss`` from ``os.wait4``) is that side's alone. Sides alternate within each repeat and
+(``ru_maxrss`` from ``os.wait4``) is that side's alone; with ``--device cuda`` the peak is
+the child's ``torch.cuda.max_memory_allocated`` instead. Sides alternate within each repeat and
 the tables show medians over the repeats. Precisions are never compared with each other.
 """
 
@@ -34,6 +39,7 @@ import os
 import resource
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -62,6 +68,20 @@ TINY = {
     "intermediate_size": 512,
     "init_seed": 0,
 }
+# SmolLM2-1.7B's published config (HuggingFaceTB/SmolLM2-1.7B, config.json): the shape is a
+# fact, the weights are random and built in-process, so nothing is downloaded. Its vocabulary
+# (49,152) and tied head come from SmolLM2's tokenizer, as the tiny model's do.
+SMOLLM2_1_7B = {
+    "hidden_size": 2048,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "intermediate_size": 8192,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 130000.0,  # transformers 5 moves it into rope_parameters itself
+    "init_seed": 0,
+}
 VAL_EXAMPLES = 4  # a token validation file for our trainer; nothing is trained on it
 
 
@@ -71,14 +91,21 @@ class Workload:
     examples: int
     lr: float
     lora: bool
+    shape: dict[str, Any] | None = None  # random weights of this shape; None: the real model
 
 
 WORKLOADS = {
-    "tiny": Workload("tiny", examples=256, lr=1e-3, lora=False),
+    "tiny": Workload("tiny", examples=256, lr=1e-3, lora=False, shape=TINY),
     "smollm2": Workload("smollm2", examples=48, lr=1e-4, lora=True),
+    "smollm2-1.7b": Workload("smollm2-1.7b", examples=48, lr=1e-4, lora=True, shape=SMOLLM2_1_7B),
 }
-SIDES = ("ours", "trl", "bare")
+DEFAULT_WORKLOADS = ("tiny", "smollm2", "prep")  # smollm2-1.7b and prep_1m only when named
+SIDES = ("ours", "trl", "bare", "liger")  # liger: TRL with use_liger_kernel=True (GPU only)
+DEFAULT_SIDES = ("ours", "trl", "bare")
 PRECISIONS = ("fp32", "bf16")
+DEVICES = ("cpu", "cuda")
+LIGER_MISSING = "liger-kernel is not installed (pip install liger-kernel): no TRL+Liger column"
+LIGER_CPU = "Liger's kernels are Triton GPU kernels: no TRL+Liger column with --device cpu"
 
 FLOPS_FORMULA = """\
 Model FLOPs per epoch (the same formula and token counts for every side):
@@ -135,20 +162,66 @@ def versions() -> dict[str, str]:
     return out
 
 
-def matmul_peak_gflops(dtype_name: str, n: int = 2048, warmup: int = 3, timed: int = 7) -> float:
-    """Median speed of one large square matmul on all threads: this CPU's practical peak."""
+# The matmul size of the peak probe: 2048 on a CPU (seconds), 8192 on a GPU, where a 2048
+# matmul (17 GFLOP, some 25 us on an H100/H200) would time the launch rather than the card.
+PEAK_SIZE = {"cpu": 2048, "cuda": 8192}
+
+
+def synchronize(device: str) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously; the CPU needs nothing)."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def matmul_peak_gflops(
+    dtype_name: str, n: int | None = None, warmup: int = 3, timed: int = 7, device: str = "cpu"
+) -> float:
+    """Median speed of one large square matmul (all threads on a CPU): the device's
+    practical peak. ``n`` defaults to :data:`PEAK_SIZE` of the device."""
     import torch
 
+    n = PEAK_SIZE[device] if n is None else n
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a, b = torch.randn(n, n).to(device, dtype), torch.randn(n, n).to(device, dtype)
     for _ in range(warmup):
         torch.matmul(a, b)
     times = []
     for _ in range(timed):
+        synchronize(device)
         start = time.perf_counter()
         torch.matmul(a, b)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def device_name(device: str) -> str:
+    """The GPU's name for ``cuda``; ``cpu`` for the CPU."""
+    if device != "cuda":
+        return "cpu"
+    import torch
+
+    return torch.cuda.get_device_name(0)
+
+
+def memory_now_kib(device: str) -> int:
+    """Memory held now, in KiB: the resident set on a CPU, the tensors allocated on a GPU."""
+    if device != "cuda":
+        return current_rss_kib()
+    import torch
+
+    return torch.cuda.memory_allocated() // 1024
+
+
+def cuda_peak_kib(device: str) -> int | None:
+    """``torch.cuda.max_memory_allocated`` in KiB on a GPU, None on a CPU."""
+    if device != "cuda":
+        return None
+    import torch
+
+    return torch.cuda.max_memory_allocated() // 1024
 
 
 # ---------------------------------------------------------------- data and models
@@ -208,28 +281,49 @@ def private_cache(folder: Path, models: Path) -> None:
     os.environ["INSTRUCT_CACHE"] = str(folder)
 
 
-def build_tiny_folder(out: Path, tokenizer_folder: Path) -> Path:
-    """Save the tiny model once (fixed seed) with SmolLM2's tokenizer: every side loads it."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def random_model_config(tokenizer: Any, shape: dict[str, Any]) -> Any:
+    """A Llama config of ``shape`` (a workload's, ``init_seed`` aside) around ``tokenizer``:
+    its vocabulary, a head tied to the embeddings, its EOS and pad ids."""
+    from transformers import LlamaConfig
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_folder)
-    shape = {k: v for k, v in TINY.items() if k != "init_seed"}
-    config = LlamaConfig(
-        vocab_size=len(tok),
+    shape = {"max_position_embeddings": 2048, **shape}
+    shape.pop("init_seed", None)
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
         tie_word_embeddings=True,
-        max_position_embeddings=2048,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
         **shape,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY["init_seed"])
+
+
+def build_random_folder(
+    out: Path, tokenizer_folder: Path, shape: dict[str, Any], device: str = "cpu"
+) -> Path:
+    """Save a model of ``shape`` with random weights (seeded by its ``init_seed``) and the
+    tokenizer once: every side loads that folder. Initialised on ``device`` (a 1.7B model
+    takes minutes on a few CPU cores, a second on a GPU); saved in fp32, or in bf16 when made
+    on a GPU (half the bytes to write and read; every side loads it as fp32 all the same)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_folder)
+    config = random_model_config(tok, shape)
+    on_device = nullcontext() if device == "cpu" else torch.device(device)
+    with torch.random.fork_rng(devices=[]), on_device:
+        torch.manual_seed(shape["init_seed"])
         model = LlamaForCausalLM(config)
+    if device != "cpu":
+        model = model.to(torch.bfloat16)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def build_tiny_folder(out: Path, tokenizer_folder: Path) -> Path:
+    """Save the tiny model once (fixed seed) with SmolLM2's tokenizer: every side loads it."""
+    return build_random_folder(out, tokenizer_folder, TINY)
 
 
 def model_dims(folder: Path, rank: int) -> dict[str, int]:
@@ -371,19 +465,57 @@ def check_exit(code: int, log_path: Path, what: str) -> None:
     raise RuntimeError(f"{what} failed with exit code {code}; log {log_path}:\n" + "\n".join(tail))
 
 
+def model_overrides(p: Prepared) -> list[str]:
+    """Our trainer's model and LoRA overrides: SmolLM2 through its shipped config, a random
+    model from its folder."""
+    w = p.workload
+    if w.shape is None:
+        model = ["model=smollm2-135m"]
+    else:
+        model = ["model=hf", f"model.path={p.folder}", "model.dtype=float32"]
+    if not w.lora:
+        return [*model, "lora=none"]
+    return [
+        *model,
+        f"lora.rank={LORA['rank']}",
+        f"lora.alpha={LORA['alpha']}",
+        f"lora.dropout={LORA['dropout']}",
+    ]
+
+
+# On a GPU our CLI runs in-process under this wrapper, which writes the process's
+# torch.cuda.max_memory_allocated to $BENCH_CUDA_PEAK at exit (0 where CUDA is absent).
+OURS_WITH_CUDA_PEAK = """\
+import atexit, os, runpy, torch
+def peak():
+    with open(os.environ["BENCH_CUDA_PEAK"], "w") as f:
+        f.write(str(torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0))
+atexit.register(peak)
+runpy.run_module("instruct.run", run_name="__main__", alter_sys=True)
+"""
+
+
+def ours_command(overrides: Sequence[str], device: str, peak_file: Path) -> tuple[list, dict]:
+    """The command line of our side and its extra environment. On a CPU it is ``python -m
+    instruct.run`` with no GPU visible; on a GPU the same module under
+    :data:`OURS_WITH_CUDA_PEAK`."""
+    if device == "cpu":
+        return [sys.executable, "-m", "instruct.run", *overrides], {"CUDA_VISIBLE_DEVICES": ""}
+    env = {"BENCH_CUDA_PEAK": str(peak_file)}
+    return [sys.executable, "-c", OURS_WITH_CUDA_PEAK, *overrides], env
+
+
 def run_ours(
-    p: Prepared, precision: str, seed: int, adamw: str, run_dir: Path, extra: Sequence[str] = ()
+    p: Prepared,
+    precision: str,
+    seed: int,
+    adamw: str,
+    run_dir: Path,
+    extra: Sequence[str] = (),
+    device: str = "cpu",
 ) -> dict:
     w = p.workload
-    if w.lora:
-        model = [
-            "model=smollm2-135m",
-            f"lora.rank={LORA['rank']}",
-            f"lora.alpha={LORA['alpha']}",
-            f"lora.dropout={LORA['dropout']}",
-        ]
-    else:
-        model = ["model=hf", f"model.path={p.folder}", "model.dtype=float32", "lora=none"]
+    model = model_overrides(p)
     overrides = [
         *model,
         "template=chatml",
@@ -412,11 +544,15 @@ def run_ours(
     overrides.extend(extra)  # --ours-set: a lever switched off, for an ablation
     run_dir.mkdir(parents=True)
     log = run_dir.parent / f"{run_dir.name}.log"
-    code, peak, wall = spawn([sys.executable, "-m", "instruct.run", *overrides], log)
+    peak_file = run_dir.parent / f"{run_dir.name}.cuda-peak"
+    cmd, env = ours_command(overrides, device, peak_file)
+    code, peak, wall = spawn(cmd, log, env)
     check_exit(code, log, f"ours ({w.name} {precision})")
     res = json.loads((run_dir / "results.json").read_text())
     losses = [loss for _, loss in res["train_loss_history"]]
+    cuda = {"cuda_peak_kib": int(peak_file.read_text()) // 1024} if device == "cuda" else {}
     return {
+        **cuda,
         "train_s": res["train_seconds"],
         "supervised": res["supervised_tokens"],
         "tokens": res.get("data", {}).get("train", {}).get("tokens"),
@@ -444,8 +580,12 @@ def run_child(kind: str, spec: dict[str, Any], work: Path) -> dict:
     return {**json.loads(Path(spec["out"]).read_text()), "peak_rss_kib": peak, "process_s": wall}
 
 
-def side_spec(p: Prepared, precision: str, seed: int, adamw: str) -> dict[str, Any]:
+def side_spec(
+    p: Prepared, precision: str, seed: int, adamw: str, device: str = "cpu", liger: bool = False
+) -> dict[str, Any]:
     return {
+        "device": device,
+        "liger": liger,
         "folder": str(p.folder),
         "trl_data": str(p.trl_data),
         "features": str(p.features),
@@ -465,22 +605,25 @@ def run_side(
     adamw: str,
     work: Path,
     ours_set: Sequence[str] = (),
+    device: str = "cpu",
 ) -> dict:
     work.mkdir(parents=True)
     if side == "ours":
-        return run_ours(p, precision, seed, adamw, work / "run", ours_set)
-    return run_child(side, side_spec(p, precision, seed, adamw), work)
+        return run_ours(p, precision, seed, adamw, work / "run", ours_set, device)
+    spec = side_spec(p, precision, seed, adamw, device, liger=side == "liger")
+    return run_child("trl" if side == "liger" else side, spec, work)
 
 
 # ---------------------------------------------------------------- children: TRL and bare loop
 
 
-def load_model(folder: str) -> tuple[Any, Any]:
+def load_model(folder: str, device: str = "cpu") -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), tokenizer
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    return (model if device == "cpu" else model.to(device)), tokenizer
 
 
 def lora_config() -> Any:
@@ -538,7 +681,8 @@ def trl_config(spec: dict[str, Any], output_dir: str) -> Any:
         logging_steps=1,
         dataloader_num_workers=0,
         seed=spec["seed"],
-        use_cpu=True,
+        use_cpu=spec.get("device", "cpu") == "cpu",
+        use_liger_kernel=spec.get("liger", False),
         disable_tqdm=True,
         dataset_num_proc=None,
         optim="adamw_torch_fused" if spec["fused"] else "adamw_torch",
@@ -556,7 +700,8 @@ def child_trl(spec: dict[str, Any]) -> dict[str, Any]:
     from datasets import Dataset
     from trl import SFTTrainer
 
-    model, tokenizer = load_model(spec["folder"])
+    device = spec.get("device", "cpu")
+    model, tokenizer = load_model(spec["folder"], device)
     dataset = Dataset.from_list(read_jsonl(spec["trl_data"]))
     with tempfile.TemporaryDirectory(prefix="bench-trl-") as tmp:
         trainer = SFTTrainer(
@@ -569,11 +714,16 @@ def child_trl(spec: dict[str, Any]) -> dict[str, Any]:
         ids, labels = trainer.train_dataset["input_ids"], trainer.train_dataset["labels"]
         feats = json.loads(Path(spec["features"]).read_text())
         rss_before = current_rss_kib()
+        cuda_before = memory_now_kib(device) if device == "cuda" else None
+        synchronize(device)
         start = time.perf_counter()
         output = trainer.train()
+        synchronize(device)
         wall = time.perf_counter() - start
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    cuda = {"cuda_peak_kib": cuda_peak_kib(device), "cuda_before_kib": cuda_before}
     return {
+        **(cuda if device == "cuda" else {}),
         "train_s": wall,
         "train_runtime": output.metrics.get("train_runtime"),
         **token_counts(ids, labels),
@@ -606,7 +756,8 @@ def child_bare(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.manual_seed(spec["seed"])
-    model, tokenizer = load_model(spec["folder"])
+    device = spec.get("device", "cpu")
+    model, tokenizer = load_model(spec["folder"], device)
     if spec["lora"]:
         from peft import get_peft_model
 
@@ -620,13 +771,17 @@ def child_bare(spec: dict[str, Any]) -> dict[str, Any]:
     order = torch.randperm(len(feats), generator=torch.Generator().manual_seed(spec["seed"]))
     batches = [order[i : i + BATCH_SIZE].tolist() for i in range(0, len(feats), BATCH_SIZE)]
     bf16 = spec["precision"] == "bf16"
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
+    autocast = torch.autocast(device, dtype=torch.bfloat16) if bf16 else nullcontext()
     losses, supervised = [], 0
     rss_before = current_rss_kib()
+    cuda_before = memory_now_kib(device) if device == "cuda" else None
+    synchronize(device)
     start = time.perf_counter()
     for indices in batches:
         inputs = pad_batch([feats[i] for i in indices], tokenizer.pad_token_id)
         supervised += int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
+        if device != "cpu":
+            inputs = {k: v.to(device) for k, v in inputs.items()}
         with autocast:
             loss = model(**inputs).loss  # HF: mean over the supervised tokens of the batch
         loss.backward()
@@ -634,8 +789,11 @@ def child_bare(spec: dict[str, Any]) -> dict[str, Any]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
+    synchronize(device)
     wall = time.perf_counter() - start
+    cuda = {"cuda_peak_kib": cuda_peak_kib(device), "cuda_before_kib": cuda_before}
     return {
+        **(cuda if device == "cuda" else {}),
         "train_s": wall,
         "supervised": supervised,
         "tokens": sum(len(f["input_ids"]) for f in feats),
@@ -1027,14 +1185,24 @@ def explain_trl(where: str, runs: list[dict], p: Prepared) -> None:
         )
 
 
-def summarise(runs: list[dict], flops: float, peak_gflops: float) -> dict[str, float | None]:
+# The memory columns of each device: (peak, just before training), as the results name them.
+MEMORY_KEYS = {
+    "cpu": ("peak_rss_kib", "rss_before_kib"),  # resident memory
+    "cuda": ("cuda_peak_kib", "cuda_before_kib"),  # torch.cuda.max_memory_allocated, allocated
+}
+
+
+def summarise(
+    runs: list[dict], flops: float, peak_gflops: float, device: str = "cpu"
+) -> dict[str, float | None]:
+    peak_key, before_key = MEMORY_KEYS[device]
     train_s = median(r["train_s"] for r in runs)
     sup = median(r["supervised"] for r in runs)
-    before = median(r.get("rss_before_kib") for r in runs)
+    before = median(r.get(before_key) for r in runs)
     return {
         "train_s": train_s,
         "sup_per_s": sup / train_s,
-        "peak_gib": median(r["peak_rss_kib"] for r in runs) / 2**20,
+        "peak_gib": median(r[peak_key] for r in runs) / 2**20,
         "before_gib": before / 2**20 if before is not None else None,
         "mean_loss": median(r["mean_loss"] for r in runs),
         "mfu": flops / train_s / (peak_gflops * 1e9),
@@ -1046,7 +1214,9 @@ def fmt(value: float | None, spec: str, width: int = 0) -> str:
     return "-".rjust(width) if value is None else format(value, f"{width}{spec}")
 
 
-def print_group(key: str, p: Prepared, sides: dict[str, list[dict]], peak: float) -> None:
+def print_group(
+    key: str, p: Prepared, sides: dict[str, list[dict]], peak: float, device: str = "cpu"
+) -> None:
     w = p.workload
     kind = "LoRA r16" if w.lora else "full fine-tuning"
     n = len(next(iter(sides.values())))
@@ -1055,11 +1225,12 @@ def print_group(key: str, p: Prepared, sides: dict[str, list[dict]], peak: float
         f"{p.supervised:,} supervised, model {p.flops / 1e12:.3f} TFLOP/epoch, "
         f"peak {peak:.0f} GFLOP/s; medians of {n} =="
     )
+    peak_label, pre_label = ("GPU GiB", "GPU pre") if device == "cuda" else ("peak GiB", "pre GiB")
     print(
-        f"{'side':6} {'train s':>8} {'sup tok/s':>10} {'peak GiB':>9} {'pre GiB':>9} "
+        f"{'side':6} {'train s':>8} {'sup tok/s':>10} {peak_label:>9} {pre_label:>9} "
         f"{'mean loss':>9} {'MFU':>6} {'process s':>9}"
     )
-    rows = {side: summarise(runs, p.flops, peak) for side, runs in sides.items()}
+    rows = {side: summarise(runs, p.flops, peak, device) for side, runs in sides.items()}
     for side, s in rows.items():
         print(
             f"{side:6} {s['train_s']:8.2f} {s['sup_per_s']:10.1f} {s['peak_gib']:9.2f} "
@@ -1071,15 +1242,21 @@ def print_group(key: str, p: Prepared, sides: dict[str, list[dict]], peak: float
         "pre GiB: RSS just before training, '-' where the process is our CLI; process s: the "
         "whole child, imports and model load included)"
     )
+    if device == "cuda":
+        print(
+            "(on the GPU: GPU GiB = the child's torch.cuda.max_memory_allocated, GPU pre = "
+            "allocated just before training; train s timed after torch.cuda.synchronize)"
+        )
     if "ours" in rows:
-        for other in ("trl", "bare"):
+        for other in ("trl", "bare", "liger"):
             if other in rows:
                 ratio = rows["ours"]["sup_per_s"] / rows[other]["sup_per_s"]
                 print(f"ours/{other} supervised tokens/s: {ratio:.2f}x")
         if "trl" in rows:
             ratio = rows["ours"]["peak_gib"] / rows["trl"]["peak_gib"]
             print(
-                f"peak RSS ours/trl: {ratio:.2f} ({rows['ours']['peak_gib']:.2f} vs "
+                f"peak {'GPU memory' if device == 'cuda' else 'RSS'} ours/trl: {ratio:.2f} "
+                f"({rows['ours']['peak_gib']:.2f} vs "
                 f"{rows['trl']['peak_gib']:.2f} GiB)"
             )
     if "ours" in sides:
@@ -1093,12 +1270,13 @@ def print_group(key: str, p: Prepared, sides: dict[str, list[dict]], peak: float
     if "bare" in sides:
         report_mismatch(key, sides["bare"][0]["supervised"], p.supervised, "bare", "features")
     explain_trl(key, sides.get("trl", []), p)
-    if "trl" in sides:
-        runtime = median(r["train_runtime"] for r in sides["trl"])
-        print(
-            f"[{key}] TRL train_runtime metric {fmt(runtime, '.2f')} s "
-            "(the table shows the wall clock around train())"
-        )
+    for side in ("trl", "liger"):
+        if side in sides:
+            runtime = median(r["train_runtime"] for r in sides[side])
+            print(
+                f"[{key}] {'TRL' if side == 'trl' else 'TRL+Liger'} train_runtime metric "
+                f"{fmt(runtime, '.2f')} s (the table shows the wall clock around train())"
+            )
     trainable = {side: runs[0].get("trainable") for side, runs in sides.items()}
     print(f"[{key}] trainable parameters: {trainable}")
 
@@ -1112,17 +1290,30 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--workloads",
         nargs="+",
         choices=[*WORKLOADS, "prep", "prep_1m"],
-        default=[*WORKLOADS, "prep"],  # prep_1m only when named: ~15 minutes on 2 cores
+        default=list(DEFAULT_WORKLOADS),  # prep_1m only when named: ~15 minutes on 2 cores
     )
     ap.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
-    ap.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
+    ap.add_argument(
+        "--sides",
+        nargs="+",
+        choices=SIDES,
+        default=list(DEFAULT_SIDES),
+        help="liger: TRL with use_liger_kernel=True (needs liger-kernel and --device cuda)",
+    )
+    ap.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="cpu",
+        help="where every side trains: cpu (no GPU visible to ours) or cuda (timed after "
+        "torch.cuda.synchronize; peak memory from torch.cuda.max_memory_allocated)",
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--examples",
         type=int,
         default=None,
-        help="training examples per workload (default: 256 tiny, 48 smollm2)",
+        help="training examples per workload (default: 256 tiny, 48 smollm2 and smollm2-1.7b)",
     )
     ap.add_argument("--prep-examples", type=int, default=20_000)
     ap.add_argument(
@@ -1178,9 +1369,12 @@ def header(args: argparse.Namespace, peaks: dict[str, float]) -> None:
     print("command:", shlex.join([sys.executable, *sys.argv]))
     print("versions:", ", ".join(f"{k} {v}" for k, v in versions().items()))
     print(f"torch threads: {torch.get_num_threads()}; CPUs: {os.cpu_count()}")
+    if args.device != "cpu":
+        print(f"device: {args.device} ({device_name(args.device)}, CUDA {torch.version.cuda})")
     if peaks:
+        n = PEAK_SIZE[args.device]
         print(
-            "matmul peak (2048x2048, median of 7): "
+            f"matmul peak ({n}x{n}, median of 7): "
             + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peaks.items())
         )
     print(
@@ -1195,29 +1389,87 @@ def header(args: argparse.Namespace, peaks: dict[str, float]) -> None:
         print(FLOPS_FORMULA)
 
 
+def usable_sides(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The sides asked for that can run here, and a note for each left out (TRL+Liger
+    without liger-kernel or without a GPU: the table then has no such column)."""
+    sides, notes = list(args.sides), []
+    if "liger" in sides:
+        missing = importlib.util.find_spec("liger_kernel") is None
+        if args.device == "cpu" or missing:
+            sides.remove("liger")
+            notes.append(LIGER_CPU if args.device == "cpu" else LIGER_MISSING)
+    return sides, notes
+
+
+def model_folders(names: Sequence[str], root: Path, device: str) -> dict[str, Path]:
+    """The model folder of each training workload named (and of ``tiny``, which ``prep``
+    uses): SmolLM2's converted weights, the random models built and saved under ``root``."""
+    smol = smollm2_folder()
+    private_cache(root / "instruct-cache", smol.parent)
+    folders = {"tiny": build_tiny_folder(root / "tiny-model", smol), "smollm2": smol}
+    for name in names:
+        shape = WORKLOADS[name].shape
+        if name not in folders and shape is not None:
+            folders[name] = build_random_folder(root / f"{name}-model", smol, shape, device)
+    return folders
+
+
+def run_group(
+    p: Prepared, precision: str, args: argparse.Namespace, sides: Sequence[str], root: Path
+) -> dict[str, list[dict]]:
+    """Every side of one (workload, precision), ``args.repeats`` times, sides alternating."""
+    key = f"{p.workload.name} {precision}"
+    runs: dict[str, list[dict]] = {s: [] for s in sides}
+    for rep in range(args.repeats):
+        for side in sides:
+            work = root / p.workload.name / precision / f"{side}-{rep}"
+            r = run_side(
+                side, p, precision, args.seed, args.adamw, work, args.ours_set, args.device
+            )
+            runs[side].append(r)
+            peak = r[MEMORY_KEYS[args.device][0]]
+            print(
+                f"[{key} repeat {rep + 1}/{args.repeats}] {side}: train "
+                f"{r['train_s']:.2f} s, peak {'GPU memory' if args.device == 'cuda' else 'RSS'} "
+                f"{peak / 2**20:.2f} GiB, mean loss {r['mean_loss']:.4f}",
+                flush=True,
+            )
+    return runs
+
+
+def exit_on_sigterm(signum: int, frame: Any) -> None:
+    """A timeout's SIGTERM ends the run through ``finally``: the groups finished so far are
+    written to ``--json`` and the work folder is removed (the children, in the same process
+    group, get the signal too)."""
+    sys.exit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.child:
         child_main(args.child, args.spec)
         return
-    needs_trl = "trl" in args.sides or {"prep", "prep_1m"} & set(args.workloads)
+    needs_trl = {"trl", "liger"} & set(args.sides) or {"prep", "prep_1m"} & set(args.workloads)
     if needs_trl and (importlib.util.find_spec("trl") is None):
         sys.exit(TRL_MISSING)
     if args.peer_malloc:
         PEER_ENV.update(KEEP_FREED_MEMORY_ENV)
     training = [w for w in args.workloads if w in WORKLOADS]
+    sides, notes = usable_sides(args)
     # The matmul peak only serves the MFU of training workloads (and bf16's takes minutes
     # on a busy 2-core machine without native bf16).
-    peaks = {name: matmul_peak_gflops(name) for name in PRECISIONS} if training else {}
+    dev = args.device
+    peaks = {name: matmul_peak_gflops(name, device=dev) for name in PRECISIONS} if training else {}
     header(args, peaks)
+    for note in notes:
+        print(f"note: {note}")
     root = Path(tempfile.mkdtemp(prefix="bench_train-"))
     raw: dict[str, Any] = {"argv": sys.argv, "versions": versions(), "peak_gflops": dict(peaks)}
+    if dev != "cpu":
+        raw.update(device=dev, device_name=device_name(dev), sides=sides, notes=notes)
     try:
-        smol = smollm2_folder()
-        private_cache(root / "instruct-cache", smol.parent)
-        tiny = build_tiny_folder(root / "tiny-model", smol)
-        folders = {"tiny": tiny, "smollm2": smol}
-        for name in (w for w in args.workloads if w in WORKLOADS):
+        folders = model_folders(training, root, dev)
+        for name in training:
             w = WORKLOADS[name]
             w = replace(w, examples=args.examples) if args.examples else w
             p = prepare_workload(w, folders[name], root)
@@ -1229,44 +1481,22 @@ def main(argv: Sequence[str] | None = None) -> None:
             }
             for precision in args.precisions:
                 key = f"{name} {precision}"
-                sides: dict[str, list[dict]] = {s: [] for s in args.sides}
-                for rep in range(args.repeats):
-                    for side in args.sides:
-                        work = root / name / precision / f"{side}-{rep}"
-                        r = run_side(side, p, precision, args.seed, args.adamw, work, args.ours_set)
-                        sides[side].append(r)
-                        print(
-                            f"[{key} repeat {rep + 1}/{args.repeats}] {side}: train "
-                            f"{r['train_s']:.2f} s, peak RSS {r['peak_rss_kib'] / 2**20:.2f} "
-                            f"GiB, mean loss {r['mean_loss']:.4f}",
-                            flush=True,
-                        )
+                group = run_group(p, precision, args, sides, root)
                 # A busy machine only lowers a peak measurement: the table uses the higher of
                 # the one at the start and one taken now, after the group's runs.
-                again = matmul_peak_gflops(precision)
+                again = matmul_peak_gflops(precision, device=dev)
                 peaks[precision] = max(peaks[precision], again)
                 raw.setdefault("peak_gflops_by_group", {})[key] = again
-                print_group(key, p, sides, peaks[precision])
-                raw[key] = sides
+                print_group(key, p, group, peaks[precision], dev)
+                raw[key] = group
         if "prep" in args.workloads:
             raw["prep"] = run_prep(folders["tiny"], root, args.prep_examples, args.repeats)
             print_prep(args.prep_examples, raw["prep"])
         if "prep_1m" in args.workloads:
             raw["prep_1m"] = run_prep_1m(folders["tiny"], root, args.rows, args.repeats)
             print_prep_1m(raw["prep_1m"])
-        if not training:
-            return
-        after = {name: matmul_peak_gflops(name) for name in PRECISIONS}
-        raw["peak_gflops_after"] = after
-        print(
-            "\nmatmul peak again at the end: "
-            + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in after.items())
-        )
-        if any(abs(after[k] / raw["peak_gflops"][k] - 1) > 0.2 for k in peaks):
-            print(
-                "the peak moved by more than 20% during the run: the machine was busy, so the "
-                "timings above are noisy"
-            )
+        if training:
+            print_peak_again(raw, peaks, dev)
     finally:
         if args.json:
             args.json.write_text(json.dumps(raw, indent=1, default=str))
@@ -1276,5 +1506,21 @@ def main(argv: Sequence[str] | None = None) -> None:
             shutil.rmtree(root, ignore_errors=True)
 
 
+def print_peak_again(raw: dict[str, Any], peaks: dict[str, float], device: str) -> None:
+    """Measure the matmul peak once more and say whether it moved during the run."""
+    after = {name: matmul_peak_gflops(name, device=device) for name in PRECISIONS}
+    raw["peak_gflops_after"] = after
+    print(
+        "\nmatmul peak again at the end: "
+        + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in after.items())
+    )
+    if any(abs(after[k] / raw["peak_gflops"][k] - 1) > 0.2 for k in peaks):
+        print(
+            "the peak moved by more than 20% during the run: the machine was busy, so the "
+            "timings above are noisy"
+        )
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     main()

@@ -12,6 +12,20 @@ import pytest
 from instruct.config import compose
 from instruct.model import build_tiny_tokenizer
 
+NO_CUDA = "needs a CUDA GPU: torch sees none here (bench/gpu.sh runs these on one)"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` skip, for one reason, where torch sees no CUDA GPU."""
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        for item in gpu:
+            item.add_marker(pytest.mark.skip(reason=NO_CUDA))
+
 
 @pytest.fixture(autouse=True)
 def own_wandb_service_per_process(monkeypatch):

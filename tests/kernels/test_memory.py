@@ -27,8 +27,15 @@ def test_bf16_keeps_a_frozen_base_in_bf16_and_the_rest_in_fp32():
 
 @pytest.mark.slow
 def test_bf16_run_tracks_the_fp32_run(toy_data, tmp_path):
+    check_bf16_run_tracks_the_fp32_run(toy_data, tmp_path, "lora=default")
+
+
+def check_bf16_run_tracks_the_fp32_run(toy_data: Path, tmp_path: Path, lora: str) -> None:
+    """Six steps of the toy run in bf16 and in fp32 (on the device Accelerate picks): every
+    training loss and the final validation loss agree within 2% (bf16 keeps 8 bits of
+    mantissa: 0.4% a rounding), and the bf16 losses are not the fp32 ones."""
     common = ("logger=none", "trainer.max_steps=6", "trainer.save_best=false",
-              "lora=default", "lora.dropout=0")  # fmt: skip
+              lora, "lora.dropout=0")  # fmt: skip
     fp32 = train(toy_config(toy_data, tmp_path / "a", *common))
     bf16 = train(toy_config(toy_data, tmp_path / "b", "trainer.precision=bf16", *common))
     assert bf16["final_val_loss"] == pytest.approx(fp32["final_val_loss"], rel=2e-2)
