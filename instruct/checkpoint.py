@@ -223,7 +223,7 @@ def save_state(
     from safetensors.torch import save_file
 
     trained = strategy.trained_weights(model, writer)
-    optimizer_saved = strategy.optimizer_state(optimizer, writer)
+    optimizer_saved = strategy.optimizer_state(model, optimizer, writer)
     if not writer:
         return
 
@@ -266,11 +266,10 @@ def load_state(
             f"{path / WEIGHTS_FILE}: its weights do not fit this model's trained parameters "
             f"(missing {missing[:5]}, unexpected {extra[:5]})"
         )
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(strategy.local_part(trained[name], p))
+    strategy.load_weights(model, params, trained)
     extra = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
-    strategy.load_optimizer(optimizer, extra["optimizer"], params, trained, path / OPTIMIZER_FILE)
+    where = path / OPTIMIZER_FILE
+    strategy.load_optimizer(model, optimizer, extra["optimizer"], params, trained, where)
     scheduler.load_state_dict(extra["scheduler"])
     if scaler is not None and extra["scaler"] is not None:
         scaler.load_state_dict(extra["scaler"])

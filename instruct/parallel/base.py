@@ -154,7 +154,7 @@ class Strategy:
     def whole_parameter(self, param: Any, keep: bool) -> torch.Tensor | None:
         return whole(param, keep)
 
-    def optimizer_state(self, optimizer: Any, keep: bool) -> dict[str, Any]:
+    def optimizer_state(self, model: Any, optimizer: Any, keep: bool) -> dict[str, Any]:
         """``optimizer.state_dict()`` with every tensor whole, as one process has it."""
         state = optimizer.state_dict()
         return state if keep else {}
@@ -163,12 +163,17 @@ class Strategy:
         """The trained parameters by name, as saves read and loads write them."""
         return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
-    def local_part(self, full: torch.Tensor, param: Any) -> torch.Tensor:
-        """``full`` (read from a checkpoint) as ``param`` holds it on this process."""
-        return full
+    def load_weights(
+        self, model: Any, params: dict[str, Any], trained: dict[str, torch.Tensor]
+    ) -> None:
+        """Copy the whole ``trained`` tensors (read from a checkpoint) into ``params``, the
+        trained parameters by name, as this process holds them."""
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(trained[name])
 
     def load_optimizer(
-        self, optimizer: Any, saved: dict[str, Any], params: dict[str, Any],
+        self, model: Any, optimizer: Any, saved: dict[str, Any], params: dict[str, Any],
         trained: dict[str, torch.Tensor], where: Any,
     ) -> None:  # fmt: skip
         """Load a whole optimizer state (:meth:`optimizer_state`'s) into ``optimizer``;

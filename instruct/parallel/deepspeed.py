@@ -197,20 +197,20 @@ class DeepSpeed(Strategy):
     def whole_parameter(self, param: Any, keep: bool) -> torch.Tensor | None:
         return master(param, keep) if has_master(param) else whole(param, keep)
 
-    def optimizer_state(self, optimizer: Any, keep: bool) -> dict[str, Any]:
+    def optimizer_state(self, model: Any, optimizer: Any, keep: bool) -> dict[str, Any]:
         zero = zero_optimizer(optimizer)
         if zero is None:
-            return super().optimizer_state(optimizer, keep)
+            return super().optimizer_state(model, optimizer, keep)
         return zero_optimizer_state(zero, keep)
 
     def load_optimizer(
-        self, optimizer: Any, saved: dict[str, Any], params: dict[str, Any],
+        self, model: Any, optimizer: Any, saved: dict[str, Any], params: dict[str, Any],
         trained: dict[str, torch.Tensor], where: Any,
     ) -> None:  # fmt: skip
         """The fp32 masters and moments into DeepSpeed's partitions."""
         zero = zero_optimizer(optimizer)
         if zero is None:
-            return super().load_optimizer(optimizer, saved, params, trained, where)
+            return super().load_optimizer(model, optimizer, saved, params, trained, where)
         index = {id(p): i for i, p in enumerate(p for g in zero_groups(zero) for p in g)}
         weights = {index[id(p)]: trained[name] for name, p in params.items() if id(p) in index}
         load_zero_state(zero, saved, weights, where)

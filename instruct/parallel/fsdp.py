@@ -2,9 +2,10 @@
 
 Every forward gathers weights with collectives, so every process runs every forward: in
 training, in validation (as many batches as process 0) and in generation. Saves gather the
-shares (DTensors, a slice on each process), each tensor whole, one at a time, so every
-process takes part in them and the files are the ones a single process writes. Loading gives
-each process its own slice of the whole tensors it reads.
+shares (DTensors, a slice on each process) through ``torch.distributed.checkpoint.state_dict``
+(whole tensors on the main process, on the CPU), so every process takes part in them and the
+files are the ones a single process writes. Loading gives each process its own slice of the
+whole tensors it reads.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from instruct.parallel.base import (
     local_parameters,
     main_decides,
 )
-from instruct.parallel.full_state import whole, whole_weights
+from instruct.parallel.full_state import once_per_weight, whole, whole_weights
 
 
 class WholeForward(torch.nn.Module):
@@ -77,58 +78,111 @@ def reshard(model: Any) -> None:
             module.reshard()
 
 
-def like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """``full`` as ``param`` holds it: this process's slice when ``param`` is sharded. Every
-    process has the whole tensor (read from the checkpoint), so nothing is sent."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    if not isinstance(param, DTensor):
-        return full
-    full = full.to(device=param.device, dtype=param.dtype)
-    return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+# The full state goes through torch.distributed.checkpoint.state_dict (DCP): whole tensors
+# gathered on the main process (rank 0, our writer) and offloaded to the CPU; every other
+# process takes part in each gather and gets {}. On disk the optimizer state stays as
+# ``optimizer.state_dict()`` lays it out (keyed by parameter index, as one process writes it),
+# so DCP's layout (keyed by parameter name) is converted both ways.
 
 
-def optimizer_state(optimizer: Any, keep: bool) -> dict[str, Any]:
+def full_options(cpu_offload: bool = True) -> Any:
+    """Whole tensors (on the CPU, on rank 0 only, when ``cpu_offload``). Loads pass whole
+    tensors on every process (each read the checkpoint), so no ``broadcast_from_rank0``."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload)
+
+
+def has_frozen(model: Any) -> bool:
+    return any(not p.requires_grad for p in model.parameters())
+
+
+def full_weights(model: Any, keep: bool) -> dict[str, torch.Tensor]:
+    """The state dict ``save_pretrained`` writes, whole on the CPU where ``keep``: DCP's
+    ``get_model_state_dict``, tied weights kept one tensor (:func:`once_per_weight`).
+
+    With frozen weights (LoRA), ours instead (:func:`whole_weights`, one tensor at a time, only
+    what peft picks): DCP selects by ``requires_grad`` alone, and its ``ignore_frozen_params``
+    still gathers a frozen weight tied to another under its second name (seen with torch
+    2.13: ``lm_head.weight``, the whole embedding matrix, on a tied model), while peft may
+    also keep frozen embeddings (``save_embedding_layers``, after a vocabulary resize).
+    """
+    if has_frozen(model):
+        return whole_weights(model, keep)
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    names = list(model.state_dict())
+    full = get_model_state_dict(model, options=full_options())
+    return once_per_weight(model, names, full.get, keep)
+
+
+def full_trained(model: Any, trained: dict[str, Any], keep: bool) -> dict[str, torch.Tensor]:
+    """The ``trained`` parameters (by name) whole on the CPU where ``keep``: DCP's
+    ``get_model_state_dict``; with frozen weights (LoRA), one at a time (:func:`whole`), for
+    the reason :func:`full_weights` gives."""
+    if has_frozen(model):
+        gathered = {name: whole(p, keep) for name, p in trained.items()}
+    else:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        full = get_model_state_dict(model, options=full_options())
+        gathered = {name: full.get(name) for name in trained}
+    return {name: t.contiguous() for name, t in gathered.items()} if keep else {}
+
+
+def full_optimizer_state(model: Any, optimizer: Any, keep: bool) -> dict[str, Any]:
     """``optimizer.state_dict()`` with every tensor whole, as one process would have it (where
-    ``keep``). Each moment (``exp_avg``, ...) is a DTensor sliced like its parameter,
-    gathered here in the state dict's order, the same on every process."""
-    state = optimizer.state_dict()
-    if not any(_has_dtensor(values) for values in state["state"].values()):
-        return state if keep else {}
-    moments = {
-        index: {key: whole(v, keep) if torch.is_tensor(v) else v for key, v in values.items()}
-        for index, values in state["state"].items()
-    }  # fmt: skip
-    return {"state": moments, "param_groups": state["param_groups"]} if keep else {}
+    ``keep``): DCP's ``get_optimizer_state_dict``, keyed back by parameter index."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    inner = getattr(optimizer, "optimizer", optimizer)  # torch's, under Accelerate's wrapper
+    if not inner.state:  # no step yet: nothing sharded (DCP would first step with zero grads)
+        return inner.state_dict() if keep else {}
+    full = get_optimizer_state_dict(model, inner, options=full_options())
+    if not keep:
+        return {}
+    order = [name for group in full["param_groups"] for name in group["params"]]
+    index = {name: i for i, name in enumerate(order)}
+    return {
+        "state": {index[name]: values for name, values in full["state"].items()},
+        "param_groups": [
+            {**group, "params": [index[name] for name in group["params"]]}
+            for group in full["param_groups"]
+        ],
+    }
 
 
-def _has_dtensor(values: dict[str, Any]) -> bool:
-    from torch.distributed.tensor import DTensor
+def load_full_optimizer_state(model: Any, optimizer: Any, saved: dict[str, Any]) -> None:
+    """A whole optimizer state (:func:`full_optimizer_state`'s) into ``optimizer``, each
+    moment sliced as its parameter is: DCP's ``set_optimizer_state_dict``, keyed by name.
 
-    return any(isinstance(v, DTensor) for v in values.values())
+    DCP first gives every parameter a state by stepping with zero gradients and a zero
+    learning rate (the parameters don't move); the state of a parameter the checkpoint has
+    none for (never stepped) is dropped again, as ``load_state_dict`` would leave it. Torch's
+    optimizer, not Accelerate's wrapper, whose step would also step a grad scaler.
+    """
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-
-def shard_optimizer_state(state: dict[str, Any], optimizer: Any) -> dict[str, Any]:
-    """A whole optimizer state (as :func:`optimizer_state` saved it) with each parameter-shaped
-    tensor sliced as its parameter is: what ``optimizer.load_state_dict`` needs."""
-    from torch.distributed.tensor import DTensor
-
-    live = [p for group in optimizer.param_groups for p in group["params"]]
-    if not any(isinstance(p, DTensor) for p in live):
-        return state
-    by_index = {
-        index: param
-        for saved, live in zip(state["param_groups"], optimizer.param_groups, strict=True)
-        for index, param in zip(saved["params"], live["params"], strict=True)
-    }  # fmt: skip
-    moments = {}
-    for index, values in state["state"].items():
-        param = by_index[index]
-        moments[index] = {
-            key: like(v, param) if torch.is_tensor(v) and v.shape == param.shape else v
-            for key, v in values.items()
-        }  # the step count (a scalar) stays as it is
-    return {**state, "state": moments}
+    reshard(model)
+    inner = getattr(optimizer, "optimizer", optimizer)
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    params = [p for group in inner.param_groups for p in group["params"]]
+    order = [name_of[id(p)] for p in params]
+    named = {
+        "state": {order[i]: values for i, values in saved["state"].items()},
+        "param_groups": [
+            {**group, "params": [order[i] for i in group["params"]]}
+            for group in saved["param_groups"]
+        ],
+    }
+    set_optimizer_state_dict(model, inner, named, options=full_options(cpu_offload=False))
+    for i, param in enumerate(params):
+        if i not in saved["state"]:
+            inner.state.pop(param, None)
+    # DCP's load flattens the state and back, which turns a tuple into a list (AdamW's
+    # ``betas``: seen with torch 2.13); the saved settings, as load_state_dict keeps them.
+    for group, saved_group in zip(inner.param_groups, saved["param_groups"], strict=True):
+        group.update({key: v for key, v in saved_group.items() if key != "params"})
 
 
 class Fsdp(Strategy):
@@ -168,20 +222,35 @@ class Fsdp(Strategy):
         return grad_norm
 
     def model_weights(self, model: Any, keep: bool) -> dict[str, torch.Tensor] | None:
-        return whole_weights(model, keep)
+        return full_weights(model, keep)
+
+    def trained_weights(self, model: Any, keep: bool) -> dict[str, torch.Tensor]:
+        return full_trained(model, self.trained_parameters(model), keep)
 
     def trained_parameters(self, model: Any) -> dict[str, Any]:
         reshard(model)  # the shards, not a copy a forward left gathered
         return super().trained_parameters(model)
 
-    def optimizer_state(self, optimizer: Any, keep: bool) -> dict[str, Any]:
-        return optimizer_state(optimizer, keep)
+    def optimizer_state(self, model: Any, optimizer: Any, keep: bool) -> dict[str, Any]:
+        reshard(model)  # DCP names the optimizer's parameters by the model's registered ones
+        return full_optimizer_state(model, optimizer, keep)
 
-    def local_part(self, full: torch.Tensor, param: Any) -> torch.Tensor:
-        return like(full, param)
+    def load_weights(
+        self, model: Any, params: dict[str, Any], trained: dict[str, torch.Tensor]
+    ) -> None:
+        """DCP's ``set_model_state_dict``: each process keeps its slice of every whole tensor
+        (and the weights not in ``trained`` stay as they are)."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+        )
+
+        reshard(model)
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(model, dict(trained), options=options)  # it fills in its argument
 
     def load_optimizer(
-        self, optimizer: Any, saved: dict[str, Any], params: dict[str, Any],
+        self, model: Any, optimizer: Any, saved: dict[str, Any], params: dict[str, Any],
         trained: dict[str, torch.Tensor], where: Any,
     ) -> None:  # fmt: skip
-        optimizer.load_state_dict(shard_optimizer_state(saved, optimizer))
+        load_full_optimizer_state(model, optimizer, saved)

@@ -38,19 +38,35 @@ def whole_weights(model: Any, keep: bool, gather: Gather = whole_entry) -> dict[
     the frozen base is never gathered; otherwise every entry.
     """
     local = model.state_dict()  # DTensors: no communication yet
+    params = dict(model.named_parameters(remove_duplicate=False))
+    names = saved_names(model, local)
+    return once_per_weight(model, names, lambda n: gather(params.get(n), local[n], keep), keep)
+
+
+def saved_names(model: Any, local: dict[str, torch.Tensor]) -> list[str]:
+    """The entries of ``local`` (``model.state_dict()``) that ``save_pretrained`` writes: for
+    LoRA, those peft picks; otherwise all of them."""
     names = list(local)
     if hasattr(model, "peft_config"):
         from peft import get_peft_model_state_dict
 
         picked = {id(t) for t in get_peft_model_state_dict(model, state_dict=local).values()}
         names = [name for name in names if id(local[name]) in picked]
-    # A weight tied to another (the output layer to the embeddings) is gathered once, and
-    # stays one tensor, which save_pretrained then writes once.
-    params = dict(model.named_parameters(remove_duplicate=False))
-    owner: dict[str, Any] = {n: id(p) for n, p in params.items()}
+    return names
+
+
+def once_per_weight(
+    model: Any, names: list[str], gather: Callable[[str], torch.Tensor | None], keep: bool
+) -> dict[str, torch.Tensor]:
+    """``gather(name)`` for each of ``names``, in order, where ``keep``.
+
+    A weight tied to another (the output layer to the embeddings) is gathered once, and
+    stays one tensor, which save_pretrained then writes once.
+    """
+    owner = {name: id(p) for name, p in model.named_parameters(remove_duplicate=False)}
     gathered: dict[Any, torch.Tensor | None] = {}
     for name in names:
         key = owner.get(name, name)
         if key not in gathered:
-            gathered[key] = gather(params.get(name), local[name], keep)
+            gathered[key] = gather(name)
     return {name: gathered[owner.get(name, name)] for name in names} if keep else {}

@@ -21,7 +21,7 @@ import pytest
 from instruct.tracking import read_offline_run
 from tests.conftest import assert_best_reloads
 
-REPO = Path(__file__).parents[1]
+REPO = Path(__file__).parents[2]
 
 
 def launch(
