@@ -106,7 +106,7 @@ FIXED_SETS = [
     ("lora.dropout_draw", ["auto", "positions", "mask"], "config", []),
     ("optimizer.name", ["adamw"], "config", []),
     ("optimizer.scheduler", ["cosine", "linear", "constant"], "config", []),
-    ("trainer.precision", ["fp32", "bf16", "fp16"], "config", []),
+    ("trainer.precision", ["fp32", "bf16", "fp16", "auto"], "config", []),
     ("logger.backend", ["wandb", "none"], "config", []),
     ("logger.mode", ["online", "offline", "disabled"], "config", []),
     ("data.train_on", ["all_assistant", "last_assistant", "per_message"], "config", []),

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
 
+import pytest
 import torch
 
 from instruct.config import Precision
@@ -54,3 +56,15 @@ def test_auto_takes_the_faster_precision(caplog):
     # Other precisions are never probed.
     assert choose_precision(Precision.fp32, CPU, never) == (Precision.fp32, None)
     assert choose_precision(Precision.fp16, CPU, never) == (Precision.fp16, None)
+
+
+@pytest.mark.slow
+def test_a_run_with_auto_precision_trains_in_the_one_it_chose(toy_data, tmp_path):
+    from instruct.train import train
+    from tests.conftest import toy_config
+
+    cfg = toy_config(toy_data, tmp_path, "trainer.precision=auto", "trainer.max_steps=2",
+                     "trainer.eval_every=2", "logger=none", "lora=default")  # fmt: skip
+    results = train(cfg)
+    assert results["precision"] in ("fp32", "bf16")
+    assert math.isfinite(results["best_val_loss"])

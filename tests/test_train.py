@@ -65,6 +65,11 @@ def test_results_json_is_complete(full_run):
     assert {"git", "python", "os", "cpu", "cpu_cores", "gpus", "gpu_count", "cuda"} <= set(env)
     assert on_disk["config"]["trainer"]["max_steps"] == results["config"]["trainer"]["max_steps"]
     assert on_disk["config"]["run_dir"] == str(run_dir)
+    split = on_disk["time_split"]  # where the time went, in the order the run goes
+    assert list(split) == ["load", "prepare", "train", "validate", "samples", "checkpoints"]
+    assert split["train"] == pytest.approx(on_disk["train_seconds"])
+    assert sum(split.values()) <= on_disk["total_seconds"]
+    assert on_disk["memory"]["peak_rss_gib"] > 0.1 and on_disk["precision"] == "fp32"
 
 
 def test_wandb_offline_run_holds_the_losses(full_run):
