@@ -35,6 +35,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from instruct.engine import Engine
+from instruct.errors import ModelNotFound
 from instruct.parallel import Strategy
 
 log = logging.getLogger(__name__)
@@ -377,19 +378,19 @@ def load_checkpoint(path: str | Path) -> tuple[Any, Any, DictConfig]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from instruct.config import SCHEMAS, RunConfig
-    from instruct.model import base_model_of, resolve_dtype
+    from instruct.model import base_model_of, resolve_dtype, stop_at_end_of_turn
 
     path = Path(path)
     recover(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such checkpoint folder")
+        raise ModelNotFound(f"{path}: no such checkpoint folder")
     if (path / WEIGHTS_FILE).is_file():
-        raise FileNotFoundError(
+        raise ModelNotFound(
             f"{path}: a resumable training state (trainer.resume=...), not a model; load the "
             "run's checkpoints/best, or export it"
         )
     if not (path / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"{path}: not a checkpoint (no {CONFIG_FILE})")
+        raise ModelNotFound(f"{path}: not a checkpoint (no {CONFIG_FILE})")
     saved = OmegaConf.load(path / CONFIG_FILE)
     data_schema = SCHEMAS.get(f"data/{saved.data.source}")
     schema = OmegaConf.structured(RunConfig)
@@ -402,6 +403,7 @@ def load_checkpoint(path: str | Path) -> tuple[Any, Any, DictConfig]:
 
         base, _ = base_model_of(cfg.model, tokenizer)
         model = PeftModel.from_pretrained(base, path)
+        stop_at_end_of_turn(model, tokenizer, cfg.template)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(cfg.model.dtype))
     return model, tokenizer, cfg

@@ -22,10 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from instruct.checkpoint import CONFIG_FILE, TEMPLATE_FILE, load_checkpoint
-from instruct.data.templates import stop_tokens
 from instruct.entry import hydra_main
 from instruct.errors import ConfigError
-from instruct.model import resolve_dtype
+from instruct.model import resolve_dtype, stop_at_end_of_turn
 
 BASE_FOLDER = "base"  # out/base: the base model of an adapter whose base exists only in memory
 
@@ -60,16 +59,6 @@ def export(
         out.rmdir()  # empty, checked above
     tmp.rename(out)
     return out
-
-
-def stop_at_end_of_turn(model: Any, tokenizer: Any, template: Any) -> None:
-    """Make the generation config stop at the template's end-of-turn token, as training set
-    it (:func:`instruct.model.fit_tokenizer`): a LoRA checkpoint's base model is rebuilt with
-    its builder's config, which stops at EOS only. An end of turn that spans several tokens
-    cannot be a stop id; a server is then told it as a stop string (docs/serving.md)."""
-    stop_ids, _ = stop_tokens(template, tokenizer)
-    model.generation_config.eos_token_id = stop_ids
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
 def check_adapter(model: Any, checkpoint: str | Path) -> None:

@@ -303,10 +303,18 @@ def fit_tokenizer(model: Any, tokenizer: Any, template: Any) -> list[int]:
     # The checkpoint's tokenizer carries the training template, and generation stops at its
     # end of turn, so apply_chat_template + generate reproduce training's format.
     tokenizer.chat_template = chat_template(template, tokenizer)
+    stop_at_end_of_turn(model, tokenizer, template)
+    return tokenizer.convert_tokens_to_ids(missing)
+
+
+def stop_at_end_of_turn(model: Any, tokenizer: Any, template: Any) -> None:
+    """Make the generation config stop at the template's end-of-turn token, as training does:
+    at the start of training, and again on a LoRA checkpoint's base model, which is rebuilt
+    with its builder's config (EOS only). An end of turn that spans several tokens cannot be
+    a stop id; a server is then told it as a stop string (docs/serving.md)."""
     stop_ids, _ = stop_tokens(template, tokenizer)
     model.generation_config.eos_token_id = stop_ids
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return tokenizer.convert_tokens_to_ids(missing)
 
 
 def apply_lora(model: Any, cfg: Any, new_token_ids: list[int]) -> Any:
