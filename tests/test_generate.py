@@ -21,6 +21,7 @@ from instruct.decoding import (
     generate,
     pad_of,
     reply_text,
+    spare_layer,
     stop_check,
 )
 from instruct.generate import prompt_messages
@@ -301,31 +302,38 @@ def test_a_repetition_penalty_applies_to_each_row(chatty):
 def test_processes_in_lock_step_get_the_same_replies_from_model_generate(chatty, monkeypatch):
     """Under several processes the replies come from ``model.generate`` (which keeps sharded
     processes stepping together), on the same length-sorted batches, in the caller's order."""
-    import instruct.decoding as module
-
     model, tokenizer, template = chatty
     conversations = instructions(template)[:12]
     pooled = generate(model, tokenizer, template, conversations, GREEDY)
-    monkeypatch.setattr(module, "in_lock_step", lambda model: True)
     calls = []
 
     def counted(**kwargs):
         calls.append(kwargs["input_ids"].shape[0])
         return type(model).generate(model, **kwargs)
 
-    monkeypatch.setattr(model, "generate", counted)
-    assert generate(model, tokenizer, template, conversations, GREEDY) == pooled
+    monkeypatch.setattr(model, "generate", counted)  # this model object's, no module's
+    assert generate(model, tokenizer, template, conversations, GREEDY, lock_step=True) == pooled
     assert calls == [8, 4]
 
 
-def test_the_cache_grows_into_spare_columns_without_changing_a_reply(chatty, monkeypatch):
-    import instruct.decoding as module
-
+def test_the_cache_grows_into_spare_columns_without_changing_a_reply(chatty):
     model, tokenizer, template = chatty
     conversations = instructions(template)[:12]
     default = generate(model, tokenizer, template, conversations, GREEDY)
-    monkeypatch.setattr(module, "SPARE_COLUMNS", 1)  # a copy at every step, as before
-    assert generate(model, tokenizer, template, conversations, GREEDY) == default
+    # One spare column: a copy at every step, as before spare columns.
+    assert generate(model, tokenizer, template, conversations, GREEDY, spare_columns=1) == default
+
+
+def test_a_spare_layer_writes_into_its_spare_columns_and_grows_when_they_run_out():
+    keys, step = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 1, 4)
+    layer = spare_layer(keys, -keys, 1)
+    room = layer.key_room
+    layer.update(step, -step)  # into the one spare column: no copy
+    assert layer.key_room is room and layer.keys.shape[-2] == 4
+    layer.update(step, -step)  # none left: 4 columns copied into a room of 4 + 1
+    assert layer.key_room is not room and layer.key_room.shape[-2] == 5
+    assert torch.equal(layer.keys, torch.cat([keys, step, step], dim=2))
+    assert torch.equal(layer.values, -layer.keys)
 
 
 def test_a_merged_adapter_computes_the_same_and_leaves_every_weight_as_it_was(lora_toy):

@@ -10,7 +10,6 @@ import pytest
 
 from instruct.checkpoint import load_checkpoint
 from instruct.compat import installed_versions
-from instruct.config import compose
 from instruct.data import load_splits
 from instruct.data.features import tokenize_split
 from instruct.tracking import read_offline_run
@@ -162,36 +161,3 @@ def test_each_evaluation_logs_generated_samples(full_run):
     history = read_offline_run(run_file, wait_seconds=60)["history"]
     tables = [r for r in history if r.get("samples/_type") == "table-file"]
     assert len(tables) == 4 and tables[0]["samples/nrows"] == 3
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("lora", ["lora=none", "lora=default"])
-def test_output_layer_only_at_supervised_positions_gives_the_full_forward_loss(lora):
-    """The fast path (decoder, then the head on supervised rows) equals the full forward."""
-    import torch
-    import torch.nn.functional as F
-
-    from instruct.data.batching import collate
-    from instruct.data.tokenize import IGNORE_INDEX
-    from instruct.loss import decoder_and_head, loss_sum
-    from instruct.model import apply_lora, build_model, fit_tokenizer
-
-    cfg = compose(["model=tiny", "template=chatml", lora])
-    model, tokenizer = build_model(cfg.model)
-    new_ids = fit_tokenizer(model, tokenizer, cfg.template)
-    model = apply_lora(model, cfg.lora, new_ids).eval()
-    assert decoder_and_head(model) is not None
-    _, val = load_splits(cfg.data, cfg.seed)
-    features, _ = tokenize_split(val[:6], cfg, tokenizer)
-    batch = collate(features, tokenizer.pad_token_id)
-    fast, n = loss_sum(model, batch)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = batch["labels"][:, 1:]
-    full = F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]),
-        labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    assert n == int((labels != IGNORE_INDEX).sum())
-    assert torch.allclose(fast, full, rtol=1e-5)
