@@ -74,6 +74,7 @@ def test_stop_tokens_are_the_trained_end_of_turn(tokenizer, templates):
     assert stop_tokens(templates["alpaca"], tokenizer) == ([tokenizer.eos_token_id], [])
 
 
+@pytest.mark.slow
 def test_a_tuned_model_stops_at_the_end_of_turn(tuned_toy):
     run_dir, _ = tuned_toy
     model, tokenizer, cfg = load_checkpoint(run_dir / "checkpoints" / "best")
@@ -186,6 +187,7 @@ def file_order_replies(model, tokenizer, template, conversations, sampling, batc
     return replies
 
 
+@pytest.mark.slow
 def test_greedy_replies_equal_model_generate_on_file_order_batches(chatty):
     model, tokenizer, template = chatty
     conversations = instructions(template)
@@ -195,6 +197,7 @@ def test_greedy_replies_equal_model_generate_on_file_order_batches(chatty):
     assert min(lengths) < 10 and max(lengths) >= 30, lengths  # short and long rows mixed
 
 
+@pytest.mark.slow
 def test_greedy_replies_equal_with_a_stop_string(chatty):
     """An end of turn of several tokens ends a row as a stop string, as it did before."""
     model, tokenizer, template = chatty
@@ -239,6 +242,7 @@ def test_no_conversations_touch_nothing():
     assert generate(nothing, nothing, nothing, [], nothing) == []
 
 
+@pytest.mark.slow
 def test_a_row_leaves_the_batch_at_its_end_of_turn(chatty):
     """Finished rows cost nothing: the decode steps feed exactly the tokens the unfinished
     rows still need, never more than ``batch_size`` rows, and no reply carries padding."""
@@ -275,6 +279,7 @@ def test_a_row_leaves_the_batch_at_its_end_of_turn(chatty):
     assert max(len(ids) for ids in new) == budget  # and some ran to the end
 
 
+@pytest.mark.slow
 def test_sampling_is_seeded(chatty):
     model, tokenizer, template = chatty
     conversations = instructions(template)[:10]
@@ -336,6 +341,7 @@ def test_a_spare_layer_writes_into_its_spare_columns_and_grows_when_they_run_out
     assert torch.equal(layer.values, -layer.keys)
 
 
+@pytest.mark.slow
 def test_a_merged_adapter_computes_the_same_and_leaves_every_weight_as_it_was(lora_toy):
     """Evaluation generates with LoRA merged into the weights (faster on the CPU). Inside, the
     logits equal the unmerged adapter's; on leaving, every parameter is bit for bit what it

@@ -48,6 +48,7 @@ def test_loss_is_finite_and_decreases(full_run):
     assert [s for s, _ in results["val_loss_history"]] == [0, 4, 8, 12]
 
 
+@pytest.mark.slow
 def test_results_json_is_complete(full_run):
     _, results, run_dir = full_run
     assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # curves too
@@ -71,6 +72,7 @@ def test_results_json_is_complete(full_run):
     assert on_disk["memory"]["peak_rss_gib"] > 0.1 and on_disk["precision"] == "fp32"
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_holds_the_losses(full_run):
     _, results, run_dir = full_run
     (run_file,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
@@ -150,6 +152,7 @@ def test_gradient_accumulation_matches_one_big_batch(toy_data, tmp_path):
     assert big["final_val_loss"] == pytest.approx(accum["final_val_loss"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_each_evaluation_logs_generated_samples(full_run):
     _, results, run_dir = full_run
     rows = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
