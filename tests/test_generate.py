@@ -215,6 +215,7 @@ def test_greedy_replies_equal_with_a_stop_string(chatty):
     assert replies != plain and all(stop.strip() not in r for r in replies)
 
 
+@pytest.mark.slow
 def test_replies_come_back_in_the_callers_order(chatty):
     model, tokenizer, template = chatty
     rendered = render_many(instructions(template), template, tokenizer, True)
