@@ -103,7 +103,7 @@ def test_a_run_with_dropout_positions_trains_as_one_with_the_same_masks(toy_data
     by_mask = train(toy_config(toy_data, tmp_path / "a", "lora.dropout_draw=mask", *common))
     run = setup(toy_config(toy_data, tmp_path / "b", "lora.dropout_draw=positions", *common))
     # The run's fused layers share the drawer the config named; they are given this one.
-    layers = [m for m in run.model.modules() if hasattr(m, "dropout_drawer")]
+    layers = [m for m in run.engine.model.modules() if hasattr(m, "dropout_drawer")]
     drawer = PositionsOfTheMask()
     for layer in layers:
         layer.dropout_drawer = drawer
