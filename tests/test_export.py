@@ -91,6 +91,7 @@ def test_export_cli(tuned_toy, tmp_path):
     assert reply == "Hello! It is good to see you."
 
 
+@pytest.mark.slow
 def test_export_adapter_loads_with_plain_peft(lora_toy, tmp_path):
     from peft import AutoPeftModelForCausalLM, PeftModel
 
