@@ -58,6 +58,8 @@ def generate(
     conversations: Sequence[Sequence[Message]],
     sampling: Any,
     batch_size: int = 8,
+    lock_step: bool | None = None,
+    spare_columns: int = SPARE_COLUMNS,
 ) -> list[str]:
     """One reply per conversation (each ends with a user turn), in the caller's order.
 
@@ -68,6 +70,8 @@ def generate(
     shape bring to both (equal on every prompt of the tests and of the benchmark). One of
     several processes (DDP, FSDP, ZeRO-3: see :func:`in_lock_step`), or a model whose cache
     has sliding windows, uses ``model.generate`` on batches of neighbours in that order.
+    ``lock_step`` says whether this is such a process (by default :func:`in_lock_step`
+    asks torch.distributed); ``spare_columns``: see :func:`spare_layer`.
     """
     if not conversations:
         return []
@@ -80,12 +84,11 @@ def generate(
         torch.manual_seed(sampling.seed)
     with evaluating(model):
         new = None
-        if not in_lock_step(model):
+        if not (in_lock_step(model) if lock_step is None else lock_step):
             done = stop_check(tokenizer, stop_ids, stop_strings, sampling.max_new_tokens)
             try:
-                new = decode_pool(
-                    model, prompts, order, chooser(sampling), done, batch_size, pad_of(tokenizer)
-                )
+                new = decode_pool(model, prompts, order, chooser(sampling), done, batch_size,
+                                  pad_of(tokenizer), spare_columns)  # fmt: skip
             except NotPoolable:
                 if sampling.do_sample:
                     torch.manual_seed(sampling.seed)
@@ -280,6 +283,7 @@ def decode_pool(
     done: Callable[[list[int]], bool],
     batch_size: int,
     pad_id: int,
+    spare_columns: int = SPARE_COLUMNS,
 ) -> list[list[int]]:
     """The generated ids of every prompt, the stop token included, decoding the prompts in
     ``order`` with at most ``batch_size`` rows in the cache at once."""
@@ -293,7 +297,8 @@ def decode_pool(
         admit = bool(queue) and rows < batch_size
         if admit:
             joining, queue = queue[: batch_size - rows], queue[batch_size - rows :]
-            batch, logits = prefill(model, [prompts[i] for i in joining], joining, pad_id, device)
+            batch, logits = prefill(model, [prompts[i] for i in joining], joining, pad_id, device,
+                                    spare_columns)  # fmt: skip
         else:
             assert pool is not None
             batch, logits = pool, step(model, pool, cache_name)
@@ -320,10 +325,16 @@ def history_tensor(history: Sequence[Sequence[int]], device: Any) -> torch.Tenso
 
 
 def prefill(
-    model: Any, prompts: Sequence[Sequence[int]], index: list[int], pad_id: int, device: Any
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    index: list[int],
+    pad_id: int,
+    device: Any,
+    spare_columns: int = SPARE_COLUMNS,
 ) -> tuple[Pool, torch.Tensor]:
-    """The prompts' KV cache, left-padded as ``model.generate`` pads them, and the float32
-    logits of each one's first reply token."""
+    """The prompts' KV cache, left-padded as ``model.generate`` pads them (in layers with
+    ``spare_columns``: :func:`spare_layer`), and the float32 logits of each one's first reply
+    token."""
     ids, mask = padded(prompts, pad_id, left=True)
     position = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # model.generate's rule
     ids, mask, position = ids.to(device), mask.to(device), position.to(device)
@@ -338,7 +349,7 @@ def prefill(
     cache = out.past_key_values if cache is None else cache
     check_poolable(cache)
     for i, layer in enumerate(cache.layers):
-        cache.layers[i] = spare_layer(layer.keys, layer.values)
+        cache.layers[i] = spare_layer(layer.keys, layer.values, spare_columns)
     pool = Pool(cache, mask, position[:, -1] + 1, ids[:, -1], index)
     return pool, out.logits[:, -1, :].float()
 
@@ -374,17 +385,18 @@ def check_poolable(cache: Any) -> None:
         raise NotPoolable(type(cache).__name__)
 
 
-def spare_layer(keys: torch.Tensor, values: torch.Tensor) -> Any:
+def spare_layer(keys: torch.Tensor, values: torch.Tensor, spare: int = SPARE_COLUMNS) -> Any:
     """A cache layer holding ``keys`` and ``values`` with spare columns after them.
 
     transformers' DynamicLayer appends a step's key and value with ``torch.cat``, a copy of
     the whole cache at every step, a sizeable share of a decoding step. This one writes the
-    new column into room reserved beforehand, and reserves :data:`SPARE_COLUMNS` more when it
-    runs out, so the cache is copied once every that many steps.
-    (measured: docs/performance.md, "Measurements behind design choices")
+    new column into room reserved beforehand, and reserves ``spare`` more (by default
+    :data:`SPARE_COLUMNS`) when it runs out, so the cache is copied once every that many
+    steps. (measured: docs/performance.md, "Measurements behind design choices")
     """
     layer = spare_layer_class()()
     layer.device, layer.dtype, layer.is_initialized = keys.device, keys.dtype, True
+    layer.spare = spare
     layer.adopt(keys, values)
     return layer
 
@@ -395,11 +407,13 @@ def spare_layer_class() -> type:
     from transformers.cache_utils import DynamicLayer
 
     class SpareLayer(DynamicLayer):
+        spare: int  # columns reserved beyond those in use (set by spare_layer)
+
         def adopt(self, keys: torch.Tensor, values: torch.Tensor) -> None:
             """Hold ``keys`` and ``values`` (copied) with room for more columns."""
             b, h, n, d = keys.shape
-            self.key_room = keys.new_empty((b, h, n + SPARE_COLUMNS, d))
-            self.value_room = values.new_empty((b, h, n + SPARE_COLUMNS, values.shape[-1]))
+            self.key_room = keys.new_empty((b, h, n + self.spare, d))
+            self.value_room = values.new_empty((b, h, n + self.spare, values.shape[-1]))
             self.key_room[:, :, :n] = keys
             self.value_room[:, :, :n] = values
             self.keys, self.values = self.key_room[:, :, :n], self.value_room[:, :, :n]

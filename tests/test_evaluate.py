@@ -103,6 +103,7 @@ def test_a_second_evaluation_never_overwrites_the_first(evaluated_run):
         run_evaluation(eval_config(best, f"out={taken}", "logger=none"))
 
 
+@pytest.mark.slow
 def test_empty_inputs_are_skipped_and_said(evaluated_run, tmp_path):
     run_dir, _ = evaluated_run
     empty = tmp_path / "empty.jsonl"

@@ -38,6 +38,7 @@ def until_stop(ids: list[int], stop_ids: list[int]) -> list[int]:
     return ids[:cut]
 
 
+@pytest.mark.slow
 def test_export_merges_lora_and_generates_the_same(lora_toy, tmp_path):
     run_dir, _ = lora_toy
     best = run_dir / "checkpoints" / "best"
@@ -63,6 +64,7 @@ def test_export_merges_lora_and_generates_the_same(lora_toy, tmp_path):
         assert torch.allclose(merged(ids).logits, model(ids).logits, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_export_never_overwrites(lora_toy, tmp_path):
     run_dir, _ = lora_toy
     taken = tmp_path / "taken"
@@ -89,6 +91,7 @@ def test_export_cli(tuned_toy, tmp_path):
     assert reply == "Hello! It is good to see you."
 
 
+@pytest.mark.slow
 def test_export_adapter_loads_with_plain_peft(lora_toy, tmp_path):
     from peft import AutoPeftModelForCausalLM, PeftModel
 

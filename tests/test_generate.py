@@ -21,6 +21,7 @@ from instruct.decoding import (
     generate,
     pad_of,
     reply_text,
+    spare_layer,
     stop_check,
 )
 from instruct.generate import prompt_messages
@@ -73,6 +74,7 @@ def test_stop_tokens_are_the_trained_end_of_turn(tokenizer, templates):
     assert stop_tokens(templates["alpaca"], tokenizer) == ([tokenizer.eos_token_id], [])
 
 
+@pytest.mark.slow
 def test_a_tuned_model_stops_at_the_end_of_turn(tuned_toy):
     run_dir, _ = tuned_toy
     model, tokenizer, cfg = load_checkpoint(run_dir / "checkpoints" / "best")
@@ -185,6 +187,7 @@ def file_order_replies(model, tokenizer, template, conversations, sampling, batc
     return replies
 
 
+@pytest.mark.slow
 def test_greedy_replies_equal_model_generate_on_file_order_batches(chatty):
     model, tokenizer, template = chatty
     conversations = instructions(template)
@@ -194,6 +197,7 @@ def test_greedy_replies_equal_model_generate_on_file_order_batches(chatty):
     assert min(lengths) < 10 and max(lengths) >= 30, lengths  # short and long rows mixed
 
 
+@pytest.mark.slow
 def test_greedy_replies_equal_with_a_stop_string(chatty):
     """An end of turn of several tokens ends a row as a stop string, as it did before."""
     model, tokenizer, template = chatty
@@ -211,6 +215,7 @@ def test_greedy_replies_equal_with_a_stop_string(chatty):
     assert replies != plain and all(stop.strip() not in r for r in replies)
 
 
+@pytest.mark.slow
 def test_replies_come_back_in_the_callers_order(chatty):
     model, tokenizer, template = chatty
     rendered = render_many(instructions(template), template, tokenizer, True)
@@ -238,6 +243,7 @@ def test_no_conversations_touch_nothing():
     assert generate(nothing, nothing, nothing, [], nothing) == []
 
 
+@pytest.mark.slow
 def test_a_row_leaves_the_batch_at_its_end_of_turn(chatty):
     """Finished rows cost nothing: the decode steps feed exactly the tokens the unfinished
     rows still need, never more than ``batch_size`` rows, and no reply carries padding."""
@@ -274,6 +280,7 @@ def test_a_row_leaves_the_batch_at_its_end_of_turn(chatty):
     assert max(len(ids) for ids in new) == budget  # and some ran to the end
 
 
+@pytest.mark.slow
 def test_sampling_is_seeded(chatty):
     model, tokenizer, template = chatty
     conversations = instructions(template)[:10]
@@ -301,33 +308,41 @@ def test_a_repetition_penalty_applies_to_each_row(chatty):
 def test_processes_in_lock_step_get_the_same_replies_from_model_generate(chatty, monkeypatch):
     """Under several processes the replies come from ``model.generate`` (which keeps sharded
     processes stepping together), on the same length-sorted batches, in the caller's order."""
-    import instruct.decoding as module
-
     model, tokenizer, template = chatty
     conversations = instructions(template)[:12]
     pooled = generate(model, tokenizer, template, conversations, GREEDY)
-    monkeypatch.setattr(module, "in_lock_step", lambda model: True)
     calls = []
 
     def counted(**kwargs):
         calls.append(kwargs["input_ids"].shape[0])
         return type(model).generate(model, **kwargs)
 
-    monkeypatch.setattr(model, "generate", counted)
-    assert generate(model, tokenizer, template, conversations, GREEDY) == pooled
+    monkeypatch.setattr(model, "generate", counted)  # this model object's, no module's
+    assert generate(model, tokenizer, template, conversations, GREEDY, lock_step=True) == pooled
     assert calls == [8, 4]
 
 
-def test_the_cache_grows_into_spare_columns_without_changing_a_reply(chatty, monkeypatch):
-    import instruct.decoding as module
-
+def test_the_cache_grows_into_spare_columns_without_changing_a_reply(chatty):
     model, tokenizer, template = chatty
     conversations = instructions(template)[:12]
     default = generate(model, tokenizer, template, conversations, GREEDY)
-    monkeypatch.setattr(module, "SPARE_COLUMNS", 1)  # a copy at every step, as before
-    assert generate(model, tokenizer, template, conversations, GREEDY) == default
+    # One spare column: a copy at every step, as before spare columns.
+    assert generate(model, tokenizer, template, conversations, GREEDY, spare_columns=1) == default
 
 
+def test_a_spare_layer_writes_into_its_spare_columns_and_grows_when_they_run_out():
+    keys, step = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 1, 4)
+    layer = spare_layer(keys, -keys, 1)
+    room = layer.key_room
+    layer.update(step, -step)  # into the one spare column: no copy
+    assert layer.key_room is room and layer.keys.shape[-2] == 4
+    layer.update(step, -step)  # none left: 4 columns copied into a room of 4 + 1
+    assert layer.key_room is not room and layer.key_room.shape[-2] == 5
+    assert torch.equal(layer.keys, torch.cat([keys, step, step], dim=2))
+    assert torch.equal(layer.values, -layer.keys)
+
+
+@pytest.mark.slow
 def test_a_merged_adapter_computes_the_same_and_leaves_every_weight_as_it_was(lora_toy):
     """Evaluation generates with LoRA merged into the weights (faster on the CPU). Inside, the
     logits equal the unmerged adapter's; on leaving, every parameter is bit for bit what it

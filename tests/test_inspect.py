@@ -249,6 +249,7 @@ def test_malformed_reviewed_file_is_named(tmp_path, text, problem):
     assert excluded_ids(None) is None
 
 
+@pytest.mark.slow
 def test_command_writes_the_page_in_the_run_folder(toy_data, tmp_path):
     run_dir = tmp_path / "run"
     done = subprocess.run(

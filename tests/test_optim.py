@@ -1,4 +1,5 @@
-"""Optimizer groups and learning-rate schedules; range checks that name their key."""
+"""Optimizer groups and learning-rate schedules; range checks that name their key; fused
+AdamW steps as the foreach one does."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import torch
 
 from instruct.config import check, compose
 from instruct.optim import build_optimizer, build_scheduler
+from instruct.train import train
+from tests.conftest import toy_config
 
 
 def lrs(schedule: str, steps: int = 10, warmup: int = 2) -> list[float]:
@@ -55,3 +58,14 @@ def test_weight_decay_skips_biases():
 def test_out_of_range_values_name_their_key(override, key):
     with pytest.raises(ValueError, match=key):
         check(compose([override]))
+
+
+@pytest.mark.slow
+def test_fused_adamw_takes_the_same_steps_as_foreach(toy_data, tmp_path):
+    common = ("logger=none", "trainer.max_steps=4", "trainer.save_best=false")
+    fused = train(toy_config(toy_data, tmp_path / "a", "optimizer.fused=true", *common))
+    plain = train(toy_config(toy_data, tmp_path / "b", "optimizer.fused=false", *common))
+    for (_, x), (_, y) in zip(
+        fused["train_loss_history"], plain["train_loss_history"], strict=True
+    ):
+        assert x == pytest.approx(y, rel=1e-5)

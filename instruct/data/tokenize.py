@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -503,16 +503,23 @@ def cache_key(rendered: Sequence[Rendered], tokenizer: Any, max_length: int) -> 
     return h.hexdigest()[:32]
 
 
+Prepare = Callable[[Sequence[Rendered], Any, int], tuple[list[Feature], PrepareStats]]
+
+
 def prepare_cached(
-    rendered: Sequence[Rendered], tokenizer: Any, max_length: int, cache_dir: Path | None
+    rendered: Sequence[Rendered],
+    tokenizer: Any,
+    max_length: int,
+    cache_dir: Path | None,
+    work: Prepare = prepare,
 ) -> tuple[list[Feature], PrepareStats]:
-    """:func:`prepare`, read from ``cache_dir`` when the same work was done before.
+    """``work`` (:func:`prepare`), read from ``cache_dir`` when the same work was done before.
 
     Entries are plain integer arrays (``.npz``, loaded without pickle), written to a
     temporary file and renamed, so a crash mid-write never leaves a half entry behind.
     """
     if cache_dir is None:
-        return prepare(rendered, tokenizer, max_length)
+        return work(rendered, tokenizer, max_length)
     path = Path(cache_dir) / f"{cache_key(rendered, tokenizer, max_length)}.npz"
     if path.is_file():
         try:
@@ -521,7 +528,7 @@ def prepare_cached(
             return features, stats
         except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as err:
             log.warning("ignoring unreadable tokenised cache %s (%s)", path, err)
-    features, stats = prepare(rendered, tokenizer, max_length)
+    features, stats = work(rendered, tokenizer, max_length)
     try:
         save_features(path, features, stats)
     except OSError as err:

@@ -722,10 +722,14 @@ class IFEvalSuite(Suite):
 
     name = "ifeval"
 
+    def __init__(self, cfg: Any, shipped_set: Path = SHIPPED_SET) -> None:
+        super().__init__(cfg)
+        self.shipped_set = shipped_set  # the records read when eval.ifeval.path is not set
+
     def path(self) -> Path:
         """The record file; ``FileNotFoundError`` saying how to get one when it is missing."""
         configured = self.cfg.ifeval.path
-        path = Path(configured) if configured else SHIPPED_SET
+        path = Path(configured) if configured else self.shipped_set
         if not path.is_file():
             how = (
                 "set eval.ifeval.path to an IFEval JSONL file"

@@ -151,6 +151,7 @@ def datasets_cache(tmp_path, monkeypatch):
     """datasets' cache in the test's folder (load_dataset writes Arrow files there)."""
     import datasets
 
+    # datasets' own process state, not ours: it reads HF_DATASETS_CACHE once, at import.
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
     return tmp_path / "hf-cache"
 
@@ -209,6 +210,8 @@ def test_an_uncached_hub_id_offline_is_an_error_saying_so(tmp_path, monkeypatch,
     import datasets
     import huggingface_hub.constants
 
+    # datasets' and huggingface_hub's process state, not ours: both read HF_HUB_OFFLINE once,
+    # at import, and the reader honours it as datasets does.
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.chdir(tmp_path)

@@ -1,13 +1,24 @@
-"""Labels cover exactly the replies and their end-of-turn token, for every template."""
+"""Labels cover exactly the replies and their end-of-turn token, for every template; the
+tokenised cache is read back only for the same work."""
 
 from __future__ import annotations
 
-import pytest
-import torch
+import logging
 
-from instruct.data.batching import collate
-from instruct.data.templates import Rendered, render, to_messages
-from instruct.data.tokenize import IGNORE_INDEX, Feature, encode, labels_from_spans, prepare
+import pytest
+
+from instruct.config import compose
+from instruct.data import load_splits
+from instruct.data.templates import Rendered, render, render_many, to_messages
+from instruct.data.tokenize import (
+    IGNORE_INDEX,
+    Feature,
+    encode,
+    labels_from_spans,
+    prepare,
+    prepare_cached,
+)
+from instruct.model import build_model
 
 REPLIES = {
     "plain": "The answer is 42.",
@@ -113,20 +124,6 @@ def test_truncation_keeps_what_fits_and_drops_examples_with_nothing_left(templat
     assert stats.supervised_tokens == sum(f.supervised for f in features)
 
 
-def test_collate_pads_to_the_longest_in_the_batch_and_keeps_eos_labels(tokenizer):
-    assert tokenizer.pad_token_id == tokenizer.eos_token_id  # the hard case
-    eos = tokenizer.eos_token_id
-    a = Feature([5, 6, 7, eos], [IGNORE_INDEX, IGNORE_INDEX, 7, eos])
-    b = Feature([5, 8, eos], [IGNORE_INDEX, 8, eos])
-    batch = collate([a, b], pad_token_id=tokenizer.pad_token_id)
-    assert batch["input_ids"].shape == (2, 4)  # the longest, never max_length
-    assert batch["labels"][1].tolist() == [IGNORE_INDEX, 8, eos, IGNORE_INDEX]
-    assert batch["labels"][0].tolist() == [IGNORE_INDEX, IGNORE_INDEX, 7, eos]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
-    assert batch["input_ids"][1, 3].item() == tokenizer.pad_token_id
-    assert batch["input_ids"].dtype == torch.long
-
-
 def test_rendered_spans_outside_the_text_train_nothing(tokenizer):
     ((feature, _),) = encode([Rendered("hello world", ())], tokenizer)
     assert feature.supervised == 0
@@ -212,3 +209,44 @@ def test_byte_position_labels_equal_offset_labels_on_random_spans(tokenizer, tem
         assert k == expected_k, r
         start += n
     assert sum(straddles) > 0  # mid-word cuts do occur, so the straddle rule was exercised
+
+
+@pytest.mark.slow
+def test_tokenised_cache_hits_on_the_same_work_and_misses_on_any_change(tmp_path):
+    cfg = compose(["model=tiny", "template=chatml"])
+    _, tokenizer = build_model(cfg.model)
+    examples, _ = load_splits(cfg.data, cfg.seed)
+    rendered = render_many([to_messages(e, cfg.template) for e in examples], cfg.template,
+                           tokenizer)  # fmt: skip
+    first, stats = prepare_cached(rendered, tokenizer, 64, tmp_path)
+    assert len(list(tmp_path.glob("*.npz"))) == 1 and stats.truncated > 0
+
+    calls = []
+
+    def counted(*args):
+        calls.append(args)
+        return prepare(*args)
+
+    again, stats_again = prepare_cached(rendered, tokenizer, 64, tmp_path, counted)
+    assert calls == [] and again == first and stats_again == stats
+
+    prepare_cached(rendered, tokenizer, 128, tmp_path, counted)  # another max_length
+    prepare_cached(rendered[:-1], tokenizer, 64, tmp_path, counted)  # other data
+    tokenizer.add_tokens(["<|new|>"], special_tokens=True)  # another tokenizer
+    prepare_cached(rendered, tokenizer, 64, tmp_path, counted)
+    assert len(calls) == 3 and len(list(tmp_path.glob("*.npz"))) == 4
+
+
+@pytest.mark.slow
+def test_a_corrupt_cache_entry_is_rebuilt(tmp_path, caplog):
+    cfg = compose(["model=tiny"])
+    _, tokenizer = build_model(cfg.model)
+    examples, _ = load_splits(cfg.data, cfg.seed)
+    rendered = render_many([to_messages(e, cfg.template) for e in examples[:5]], cfg.template,
+                           tokenizer)  # fmt: skip
+    features, _ = prepare_cached(rendered, tokenizer, 256, tmp_path)
+    (entry,) = tmp_path.glob("*.npz")
+    entry.write_bytes(entry.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING):
+        again, _ = prepare_cached(rendered, tokenizer, 256, tmp_path)
+    assert again == features and "unreadable tokenised cache" in caplog.text

@@ -321,6 +321,7 @@ def test_every_official_id_has_a_checker_and_cases():
 
 
 def test_sentence_splitter_is_named_and_never_downloads(monkeypatch):
+    # nltk's process state, not ours: any download attempt fails the test.
     monkeypatch.setattr(nltk, "download", pytest.fail)
     assert sentence_splitter() in {"punkt_tab/english", "punkt (untrained)"}
     assert TextTools.load().splitter == sentence_splitter()
@@ -551,10 +552,10 @@ def test_suite_on_empty_file_skips(tmp_path):
     assert result.info["prompts"] == 0 and set(result.scores) == set(FIGURES)
 
 
-def test_suite_without_shipped_set_says_how_to_get_one(tmp_path, monkeypatch):
-    monkeypatch.setattr(ifeval, "SHIPPED_SET", tmp_path / "missing.jsonl")
+def test_suite_without_shipped_set_says_how_to_get_one(tmp_path):
+    suite = IFEvalSuite(EvalConfig(), shipped_set=tmp_path / "missing.jsonl")
     with pytest.raises(FileNotFoundError, match="scripts/make_ifeval_set.py"):
-        suite_for(None).run(fake_context({}, []))
+        suite.run(fake_context({}, []))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -564,6 +565,8 @@ def test_suite_without_shipped_set_says_how_to_get_one(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def reference(tools):
     """lm-eval's ``lm_eval.tasks.ifeval.utils``, made deterministic and kept off the network."""
+    # Everything set here is process state of third-party libraries (nltk, langdetect,
+    # lm-eval), never of instruct: the reference is their code, called as it is.
     mp = pytest.MonkeyPatch()
     # Importing it calls nltk.download("punkt_tab") when the data is missing: never let that
     # reach the network (or hang) in a test.

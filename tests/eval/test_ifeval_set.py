@@ -46,7 +46,8 @@ def registry() -> ModuleType:
     pytest.importorskip("lm_eval")
     nltk = pytest.importorskip("nltk")
     # instructions_util calls nltk.download("punkt_tab") at import when the data is missing;
-    # none of the checks below tokenize, so the download is never needed.
+    # none of the checks below tokenize, so the download is never needed. (nltk's process
+    # state, not ours.)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(nltk, "download", lambda *args, **kwargs: True)
         from lm_eval.tasks.ifeval import instructions_registry

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from instruct.kernels.dropout import POSITIONS_BELOW, DropoutDrawer
-from instruct.train import train
+from instruct.train import setup, train
 from tests.conftest import toy_config
 
 
@@ -81,27 +81,35 @@ def test_dropout_is_drawn_as_positions_on_the_cpu_at_low_rates_and_as_a_mask_oth
         DropoutDrawer("sparse")
 
 
+class PositionsOfTheMask(DropoutDrawer):
+    """Draws dropout as positions, read off the very mask a mask drawer draws from the same
+    seed: what a drawer of masks drops, given as positions."""
+
+    def __init__(self) -> None:
+        super().__init__("positions")
+        self.masks, self.calls = DropoutDrawer("mask"), []
+
+    def dropped_positions(self, n: int, p: float, batch: int | None = None) -> torch.Tensor:
+        self.calls.append(n)
+        return (~self.masks.keep_mask((n,), p, "cpu")).nonzero().squeeze(1)
+
+
 @pytest.mark.slow
-def test_a_run_with_dropout_positions_trains_as_one_with_the_same_masks(
-    toy_data, tmp_path, monkeypatch
-):
+def test_a_run_with_dropout_positions_trains_as_one_with_the_same_masks(toy_data, tmp_path):
     """Whole runs, every adapted layer, packed rows: dropout drawn as positions gives the
-    losses of dropout drawn as masks when both drop the same elements (here the positions
-    are read off the very mask the other run draws, from the same seed)."""
-    masks, calls = DropoutDrawer("mask"), []
-
-    def positions_of_the_mask(n, p):
-        calls.append(n)
-        return (~masks.keep_mask((n,), p, "cpu")).nonzero().squeeze(1)
-
-    # The run builds its own drawer from the config: its class is where the draw can be given.
-    monkeypatch.setattr(DropoutDrawer, "dropped_positions", staticmethod(positions_of_the_mask))
+    losses of dropout drawn as masks when both drop the same elements."""
     common = ("logger=none", "trainer.max_steps=5", "trainer.save_best=false",
               "lora=default", "lora.dropout=0.1")  # fmt: skip
     by_mask = train(toy_config(toy_data, tmp_path / "a", "lora.dropout_draw=mask", *common))
-    assert not calls
-    positions = train(toy_config(toy_data, tmp_path / "b", "lora.dropout_draw=positions", *common))
-    assert calls  # the second run drew positions
+    run = setup(toy_config(toy_data, tmp_path / "b", "lora.dropout_draw=positions", *common))
+    # The run's fused layers share the drawer the config named; they are given this one.
+    layers = [m for m in run.engine.model.modules() if hasattr(m, "dropout_drawer")]
+    drawer = PositionsOfTheMask()
+    for layer in layers:
+        layer.dropout_drawer = drawer
+    positions = run.loop()
+    run.tracker.finish()
+    assert layers and len(drawer.calls) >= 5 * len(layers)  # every layer, every step
     assert positions["final_val_loss"] == pytest.approx(by_mask["final_val_loss"], rel=1e-5)
     for (_, x), (_, y) in zip(
         positions["train_loss_history"], by_mask["train_loss_history"], strict=True
