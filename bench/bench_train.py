@@ -1308,6 +1308,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "torch.cuda.synchronize; peak memory from torch.cuda.max_memory_allocated)",
     )
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--peak-size", type=int, default=None,
+        help="side of the square matmul that measures the peak (default: the device's, "
+        "2048 on a CPU)",
+    )  # fmt: skip
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--examples",
@@ -1456,10 +1461,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         PEER_ENV.update(KEEP_FREED_MEMORY_ENV)
     training = [w for w in args.workloads if w in WORKLOADS]
     sides, notes = usable_sides(args)
-    # The matmul peak only serves the MFU of training workloads (and bf16's takes minutes
-    # on a busy 2-core machine without native bf16).
-    dev = args.device
-    peaks = {name: matmul_peak_gflops(name, device=dev) for name in PRECISIONS} if training else {}
+    # The matmul peak only serves the MFU of training workloads, and only in the precisions
+    # they run (an emulated bf16 peak takes minutes on a CPU without native bf16).
+    dev, size = args.device, args.peak_size
+    peaks = (
+        {name: matmul_peak_gflops(name, size, device=dev) for name in args.precisions}
+        if training
+        else {}
+    )
     header(args, peaks)
     for note in notes:
         print(f"note: {note}")
@@ -1484,7 +1493,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 group = run_group(p, precision, args, sides, root)
                 # A busy machine only lowers a peak measurement: the table uses the higher of
                 # the one at the start and one taken now, after the group's runs.
-                again = matmul_peak_gflops(precision, device=dev)
+                again = matmul_peak_gflops(precision, size, device=dev)
                 peaks[precision] = max(peaks[precision], again)
                 raw.setdefault("peak_gflops_by_group", {})[key] = again
                 print_group(key, p, group, peaks[precision], dev)
@@ -1496,7 +1505,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             raw["prep_1m"] = run_prep_1m(folders["tiny"], root, args.rows, args.repeats)
             print_prep_1m(raw["prep_1m"])
         if training:
-            print_peak_again(raw, peaks, dev)
+            print_peak_again(raw, peaks, dev, size)
     finally:
         if args.json:
             args.json.write_text(json.dumps(raw, indent=1, default=str))
@@ -1506,9 +1515,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             shutil.rmtree(root, ignore_errors=True)
 
 
-def print_peak_again(raw: dict[str, Any], peaks: dict[str, float], device: str) -> None:
+def print_peak_again(
+    raw: dict[str, Any], peaks: dict[str, float], device: str, size: int | None = None
+) -> None:
     """Measure the matmul peak once more and say whether it moved during the run."""
-    after = {name: matmul_peak_gflops(name, device=device) for name in PRECISIONS}
+    after = {name: matmul_peak_gflops(name, size, device=device) for name in peaks}
     raw["peak_gflops_after"] = after
     print(
         "\nmatmul peak again at the end: "
