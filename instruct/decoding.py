@@ -24,6 +24,7 @@ from instruct.data.batching import padded
 from instruct.data.templates import Message, render_many, stop_tokens
 from instruct.data.tokenize import token_ids
 from instruct.modes import evaluating
+from instruct.progress import progress
 
 SPARE_COLUMNS = 64  # the cache is copied every 64 steps rather than every step
 
@@ -60,6 +61,7 @@ def generate(
     batch_size: int = 8,
     lock_step: bool | None = None,
     spare_columns: int = SPARE_COLUMNS,
+    desc: str = "generate",
 ) -> list[str]:
     """One reply per conversation (each ends with a user turn), in the caller's order.
 
@@ -71,7 +73,8 @@ def generate(
     several processes (DDP, FSDP, ZeRO-3: see :func:`in_lock_step`), or a model whose cache
     has sliding windows, uses ``model.generate`` on batches of neighbours in that order.
     ``lock_step`` says whether this is such a process (by default :func:`in_lock_step`
-    asks torch.distributed); ``spare_columns``: see :func:`spare_layer`.
+    asks torch.distributed); ``spare_columns``: see :func:`spare_layer`. A progress bar named
+    ``desc`` counts the finished replies (see :mod:`instruct.progress`).
     """
     if not conversations:
         return []
@@ -82,21 +85,38 @@ def generate(
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     if sampling.do_sample:
         torch.manual_seed(sampling.seed)
-    with evaluating(model):
+    lock = in_lock_step(model) if lock_step is None else lock_step
+    dist = torch.distributed
+    main = not (lock and dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    with evaluating(model), progress(desc=desc, total=len(prompts), unit="reply",
+                                     main=main) as bar:  # fmt: skip
         new = None
-        if not (in_lock_step(model) if lock_step is None else lock_step):
-            done = stop_check(tokenizer, stop_ids, stop_strings, sampling.max_new_tokens)
+        if not lock:
+            done = counted(stop_check(tokenizer, stop_ids, stop_strings,
+                                      sampling.max_new_tokens), bar)  # fmt: skip
             try:
                 new = decode_pool(model, prompts, order, chooser(sampling), done, batch_size,
                                   pad_of(tokenizer), spare_columns)  # fmt: skip
             except NotPoolable:
+                bar.reset()
                 if sampling.do_sample:
                     torch.manual_seed(sampling.seed)
         if new is None:
-            new = generate_sorted(
-                model, tokenizer, prompts, order, stop_ids, stop_strings, sampling, batch_size
-            )
+            new = generate_sorted(model, tokenizer, prompts, order, stop_ids, stop_strings,
+                                  sampling, batch_size, bar)  # fmt: skip
     return [reply_text(ids, tokenizer, stop_ids, stop_strings) for ids in new]
+
+
+def counted(done: Callable[[list[int]], bool], bar: Any) -> Callable[[list[int]], bool]:
+    """``done``, ticking ``bar`` for each row it ends."""
+
+    def ends(new: list[int]) -> bool:
+        finished = done(new)
+        if finished:
+            bar.update()
+        return finished
+
+    return ends
 
 
 def prompt_ids(
@@ -239,9 +259,10 @@ def generate_sorted(
     stop_strings: Sequence[str],
     sampling: Any,
     batch_size: int,
+    bar: Any = None,
 ) -> list[list[int]]:
     """The generated ids of every prompt from ``model.generate``, on batches of neighbours in
-    ``order``; a batch ends when all its rows have."""
+    ``order``; a batch ends when all its rows have (``bar`` ticks for each)."""
     kwargs = generation_kwargs(sampling)
     if stop_strings:
         kwargs.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
@@ -260,6 +281,8 @@ def generate_sorted(
         )
         for i, row in zip(chunk, out[:, ids.shape[1] :].tolist(), strict=True):
             new[i] = row
+        if bar is not None:
+            bar.update(len(chunk))
     return new
 
 

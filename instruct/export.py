@@ -25,6 +25,7 @@ from instruct.checkpoint import CONFIG_FILE, TEMPLATE_FILE, load_checkpoint
 from instruct.entry import hydra_main
 from instruct.errors import ConfigError
 from instruct.model import resolve_dtype, stop_at_end_of_turn
+from instruct.progress import progress
 
 BASE_FOLDER = "base"  # out/base: the base model of an adapter whose base exists only in memory
 
@@ -37,22 +38,27 @@ def export(
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"out={out} already exists and is not empty; pick a new folder")
-    model, tokenizer, cfg = load_checkpoint(checkpoint)
-    if not merge:
-        check_adapter(model, checkpoint)
-    elif hasattr(model, "merge_and_unload"):  # LoRA
-        model = model.merge_and_unload()
-    if dtype:
-        model = model.to(resolve_dtype(dtype))
-    stop_at_end_of_turn(model, tokenizer, cfg.template)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if merge:
-        model.save_pretrained(tmp, safe_serialization=True)
-    else:
-        save_adapter(model, tokenizer, tmp, out)
-    tokenizer.save_pretrained(tmp)
+    bar = progress(total=3, desc="export", unit="step")  # load, merge, write
+    with bar:
+        model, tokenizer, cfg = load_checkpoint(checkpoint)
+        bar.update()
+        if not merge:
+            check_adapter(model, checkpoint)
+        elif hasattr(model, "merge_and_unload"):  # LoRA
+            model = model.merge_and_unload()
+        if dtype:
+            model = model.to(resolve_dtype(dtype))
+        stop_at_end_of_turn(model, tokenizer, cfg.template)
+        bar.update()
+        tmp = out.with_name(f".{out.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        if merge:
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            save_adapter(model, tokenizer, tmp, out)
+        tokenizer.save_pretrained(tmp)
+        bar.update()
     for name in (CONFIG_FILE, TEMPLATE_FILE):  # provenance: how it was trained
         shutil.copy2(Path(checkpoint) / name, tmp / f"instruct_{name}")
     if out.exists():

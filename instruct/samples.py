@@ -52,7 +52,8 @@ class Samples:
         )
         model = engine.unwrapped()
         with engine.accelerator.autocast(), engine.strategy.generating(model):
-            replies = generate(model, engine.tokenizer, self.template, self.prompts, greedy)
+            replies = generate(model, engine.tokenizer, self.template, self.prompts, greedy,
+                               desc="samples")  # fmt: skip
         rows = [
             [step, prompt[-1]["content"], reference, reply]
             for prompt, reference, reply in zip(self.prompts, self.references, replies, strict=True)

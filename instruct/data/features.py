@@ -13,11 +13,20 @@ from omegaconf import DictConfig
 
 from instruct.config import TrainOn
 from instruct.data.records import Example
+from instruct.data.stream import add_stats
 from instruct.data.templates import plain_template, render_many, to_messages
-from instruct.data.tokenize import IGNORE_INDEX, Feature, PrepareStats, encode_flat, prepare_cached
+from instruct.data.tokenize import (
+    IGNORE_INDEX,
+    Feature,
+    PrepareStats,
+    encode_flat,
+    prepare,
+    prepare_cached,
+)
 from instruct.data.turns import select
 from instruct.kernels.memory import gc_paused
 from instruct.model import cache_root
+from instruct.progress import progress
 
 DROPPED_NAMED = 5  # dropped examples named in the log and results.json; all are counted
 
@@ -67,13 +76,35 @@ def tokenize_split(examples, cfg: DictConfig, tokenizer) -> tuple[list[Feature],
         split = render_split(examples, cfg, tokenizer)
         conversations, weights, rendered = split.conversations, split.weights, split.rendered
         cache = cache_root() / "tokenized" if cfg.trainer.tokenized_cache else None
-        features, stats = prepare_cached(rendered, tokenizer, cfg.trainer.max_length, cache)
+        features, stats = prepare_cached(rendered, tokenizer, cfg.trainer.max_length, cache,
+                                         work=prepare_in_chunks)  # fmt: skip
     if not stats.dropped:
         return features, stats
     dropped = dropped_examples(
         examples, conversations, rendered, tokenizer, cfg.trainer.max_length, weights
     )
     return features, SplitStats(**vars(stats), dropped_examples=dropped[:DROPPED_NAMED])
+
+
+CHUNK = 8192  # examples tokenised at a time: a large split shows its progress
+
+
+def prepare_in_chunks(
+    rendered: Sequence[Any], tokenizer: Any, max_length: int, chunk: int = CHUNK
+) -> tuple[list[Feature], PrepareStats]:
+    """:func:`~instruct.data.tokenize.prepare` a chunk at a time, with a progress bar: the
+    same features and counts (each example is tokenised on its own either way)."""
+    if len(rendered) <= chunk:
+        return prepare(rendered, tokenizer, max_length)
+    features: list[Feature] = []
+    parts = []
+    with progress(desc="tokenise", total=len(rendered), unit="example") as bar:
+        for start in range(0, len(rendered), chunk):
+            part, stats = prepare(rendered[start : start + chunk], tokenizer, max_length)
+            features += part
+            parts.append(stats)
+            bar.update(min(chunk, len(rendered) - start))
+    return features, add_stats(parts)
 
 
 def example_name(examples: Sequence[Example], i: int) -> str:

@@ -124,6 +124,7 @@ def generator(
                 conversations,
                 greedy(cfg.max_new_tokens),
                 batch_size=cfg.batch_size,
+                desc="eval",
             )
 
     return answer

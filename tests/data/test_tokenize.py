@@ -250,3 +250,22 @@ def test_a_corrupt_cache_entry_is_rebuilt(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         again, _ = prepare_cached(rendered, tokenizer, 256, tmp_path)
     assert again == features and "unreadable tokenised cache" in caplog.text
+
+
+def test_a_large_split_tokenised_in_chunks_gives_the_same_features_and_counts(
+    templates, tokenizer
+):
+    from instruct.data.features import prepare_in_chunks
+
+    t = templates["chatml"]
+    examples = [
+        {"instruction": f"Say {i}. " + "word " * (i * 7 % 90), "output": f"{i} " * (i % 11)}
+        for i in range(40)
+    ]  # some cut by max_length, some with nothing left to train (empty replies)
+    rendered = [render(to_messages(e, t), t, tokenizer) for e in examples]
+    whole, stats = prepare(rendered, tokenizer, max_length=96)
+    chunked, chunk_stats = prepare_in_chunks(rendered, tokenizer, 96, chunk=7)
+    assert chunk_stats == stats and stats.truncated > 0 and stats.dropped > 0
+    assert [(f.input_ids.tolist(), f.labels.tolist()) for f in chunked] == [
+        (f.input_ids.tolist(), f.labels.tolist()) for f in whole
+    ]
