@@ -252,9 +252,7 @@ def test_a_corrupt_cache_entry_is_rebuilt(tmp_path, caplog):
     assert again == features and "unreadable tokenised cache" in caplog.text
 
 
-def test_a_large_split_tokenised_in_chunks_gives_the_same_features_and_counts(
-    templates, tokenizer
-):
+def test_a_large_split_tokenised_in_chunks_gives_the_same_features_and_counts(templates, tokenizer):
     from instruct.data.features import prepare_in_chunks
 
     t = templates["chatml"]
