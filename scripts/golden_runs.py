@@ -197,6 +197,7 @@ def main() -> None:
     parser.add_argument("action", choices=["record", "check"])
     parser.add_argument("file", type=Path)
     parser.add_argument("--only", help="comma-separated run names (sweep included)")
+    parser.add_argument("--got", type=Path, help="check: also write what the runs gave here")
     args = parser.parse_args()
     only = set(args.only.split(",")) if args.only else None
     known = {r.name for r in RUNS} | {"sweep"}
@@ -208,11 +209,16 @@ def main() -> None:
         args.file.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         print(f"recorded {len(got)} runs in {args.file}")
         return
+    if args.got:
+        args.got.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     want = json.loads(args.file.read_text(encoding="utf-8"))
     want = {k: v for k, v in want.items() if k in got}
     found = differences(want, got)
     for line in found[:200]:
         print(line)
+    for name in sorted(got):  # every run's count, as the list above stops at 200
+        count = sum(line.startswith(f"/{name}/") for line in found)
+        print(f"{name}: {'identical' if not count else f'{count} differences'}")
     print(f"{len(got)} runs checked: {'identical' if not found else f'{len(found)} differences'}")
     sys.exit(1 if found else 0)
 
