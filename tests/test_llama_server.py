@@ -12,11 +12,8 @@ writes is reported (``-s`` shows it), not asserted.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -29,35 +26,13 @@ from instruct.config import EvalConfig, compose
 from instruct.eval.judge import JudgeSuite
 from instruct.eval.suite import EvalContext
 from instruct.self_instruct.generate import GenerationError, ensure_dataset
+from tests.servers import free_port, wait_until_up
 
 pytestmark = pytest.mark.slow
 
 INSTALL = "pip install 'llama-cpp-python[server]'"
 MODEL = "SmolLM2-135M-Instruct"
 TEMPLATE = SimpleNamespace(input_format="{instruction}\n\n{input}", system_with_input=None)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_until_up(url: str, proc: subprocess.Popen, log: Path, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(
-                f"llama.cpp's server exited ({proc.returncode}):\n{log.read_text()[-3000:]}"
-            )
-        try:
-            with urllib.request.urlopen(f"{url}/models", timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(
-        f"llama.cpp's server did not answer within {seconds:g} s:\n{log.read_text()[-3000:]}"
-    )
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +48,7 @@ def llama_server(tmp_path_factory) -> Iterator[str]:
         gguf = locate_gguf(compose(["model=smollm2-135m"]).model)
     except (ModuleNotFoundError, FileNotFoundError) as error:
         pytest.skip(str(error))
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("llama") / "server.log"
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--n_ctx", "2048",
            "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
@@ -81,7 +56,7 @@ def llama_server(tmp_path_factory) -> Iterator[str]:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/v1"
     try:
-        _wait_until_up(url, proc, log, 180)
+        wait_until_up(f"{url}/models", proc, log, 180, "llama.cpp's server")
         yield url
     finally:
         proc.terminate()

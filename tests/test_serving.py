@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -25,6 +22,7 @@ from instruct.checkpoint import TEMPLATE_FILE
 from instruct.config import compose
 from instruct.export import export
 from instruct.generate import prompt_messages, run
+from tests.servers import free_port, wait_until_up
 
 INSTALL = 'pip install "transformers[serving]"'
 MISSING = [m for m in ("fastapi", "uvicorn", "openai") if importlib.util.find_spec(m) is None]
@@ -37,29 +35,6 @@ pytestmark = [
 PROMPT = "Greet Ada."
 MAX_NEW_TOKENS = 40
 READY_SECONDS = 180  # the tiny model loads in seconds; a busy shared CPU takes longer
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until_ready(url: str, proc: subprocess.Popen, log: Path, seconds: float) -> None:
-    """Poll ``/health`` until it answers (the forced model is loaded before the server
-    listens); fail with the server's log if it exits or stays silent."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(
-                f"transformers serve exited ({proc.returncode}):\n{log.read_text()[-3000:]}"
-            )
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"transformers serve did not answer within {seconds} s:\n{log.read_text()[-3000:]}")
 
 
 def serve_command(folder: Path, port: int) -> list[str]:
@@ -89,7 +64,8 @@ def test_transformers_serve_replies_as_generate(tuned_toy, tmp_path):
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until_ready(url, proc, log, READY_SECONDS)
+        # /health answers once the forced model is loaded
+        wait_until_up(f"{url}/health", proc, log, READY_SECONDS, "transformers serve")
         client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
         response = client.chat.completions.create(
             model=str(folder),  # the server is pinned to it; another name is refused

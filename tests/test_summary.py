@@ -58,7 +58,7 @@ def test_the_clock_splits_time_and_a_resume_adds_to_it():
     with resumed.phase("load"):  # the resumed process's own start-up
         time.sleep(0.01)
     resumed.restore(state)
-    assert resumed.split["load"] > state["time_split"]["load"] + 0.01  # both start-ups
+    assert resumed.split["load"] >= state["time_split"]["load"] + 0.01  # both start-ups
     assert resumed.train_seconds == state["train_seconds"]
     old = Clock()
     old.restore({"train_seconds": 1.0, "eval_seconds": 2.0})  # saved before the split was kept
