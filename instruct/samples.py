@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from instruct.data import Example, prompt_and_reference
 from instruct.data.templates import Message, to_messages
-from instruct.decoding import generate
+from instruct.decoding import generate, merged_adapter
 from instruct.engine import Engine
 from instruct.tracking import Tracker
 
@@ -40,7 +40,8 @@ class Samples:
         return cls(prompts, references, cfg.template, t.sample_max_new_tokens, tracker)
 
     def log(self, step: int, engine: Engine) -> None:
-        """The model's greedy replies now, as the table's rows of ``step``.
+        """The model's greedy replies now (LoRA merged while they are generated), as the
+        table's rows of ``step``.
 
         In lockstep every process generates them, in step (see :meth:`Strategy.generating`);
         else the main process alone.
@@ -51,8 +52,12 @@ class Samples:
             max_new_tokens=self.max_new_tokens, do_sample=False, repetition_penalty=1.0
         )
         model = engine.unwrapped()
-        with engine.accelerator.autocast(), engine.strategy.generating(model):
-            replies = generate(model, engine.tokenizer, self.template, self.prompts, greedy,
+        # LoRA merged for the replies and restored bit for bit after (merged_adapter): each
+        # decoding step then computes one product per layer, not three, and training goes on
+        # from the very same weights.
+        with engine.accelerator.autocast(), engine.strategy.generating(model), \
+                merged_adapter(model) as merged:  # fmt: skip
+            replies = generate(merged, engine.tokenizer, self.template, self.prompts, greedy,
                                desc="samples")  # fmt: skip
         rows = [
             [step, prompt[-1]["content"], reference, reply]
