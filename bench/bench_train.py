@@ -6,6 +6,7 @@
     python bench/bench_train.py --workloads prep                  # dataset preparation only
     python bench/bench_train.py --workloads prep_1m --repeats 1   # 1M rows from Parquet
     python bench/bench_train.py --json bench-train.json           # also keep every raw figure
+    python bench/bench_train.py --workloads smollm2 --data my.parquet # a user's file (data=file)
     python bench/bench_train.py --device cuda --workloads smollm2 smollm2-1.7b --precisions bf16 \
         --sides ours trl liger --repeats 1                        # on a GPU (bench/gpu.sh)
 
