@@ -6,6 +6,7 @@
     python bench/bench_train.py --workloads prep                  # dataset preparation only
     python bench/bench_train.py --workloads prep_1m --repeats 1   # 1M rows from Parquet
     python bench/bench_train.py --json bench-train.json           # also keep every raw figure
+    python bench/bench_train.py --workloads smollm2 --data my.parquet # a user's file (data=file)
     python bench/bench_train.py --device cuda --workloads smollm2 smollm2-1.7b --precisions bf16 \
         --sides ours trl liger --repeats 1                        # on a GPU (bench/gpu.sh)
 
@@ -370,17 +371,98 @@ def features_and_prompts(
     rendered = render_many(
         [to_messages(e, cfg.template) for e in examples], cfg.template, tokenizer
     )
-    rows = []
-    for r in rendered:
-        (start, end), *more = r.spans
-        if more or end != len(r.text):
-            raise ValueError(f"expected one trained span ending the text, got {r.spans}")
-        rows.append({"prompt": r.text[:start], "completion": r.text[start:end]})
-        if not rows[-1]["completion"].endswith(tokenizer.eos_token):
-            raise ValueError("the completion must end with EOS, or TRL would append another")
+    rows = prompt_completion_rows(rendered, tokenizer)
+    if rows is None:
+        raise ValueError("expected one trained span ending each text, the text ending in EOS")
     features, stats = tokenize_split(examples, cfg, tokenizer)
     feats = [{"input_ids": f.input_ids.tolist(), "labels": f.labels.tolist()} for f in features]
     return feats, rows, stats
+
+
+def prompt_completion_rows(rendered: Sequence[Any], tokenizer: Any) -> list[dict] | None:
+    """TRL's prompt/completion rows of rendered examples (``prompt = text[:reply start]``,
+    ``completion = reply``), or None unless each has one trained span that ends its text in
+    EOS (TRL would otherwise append another EOS, or miss a trained turn)."""
+    rows = []
+    for r in rendered:
+        (start, end), *more = r.spans
+        if more or end != len(r.text) or not r.text.endswith(tokenizer.eos_token):
+            return None
+        rows.append({"prompt": r.text[:start], "completion": r.text[start:end]})
+    return rows
+
+
+def hydra_quoted(path: Path) -> str:
+    """``path`` as a quoted string in a Hydra override (spaces, commas and brackets kept)."""
+    return "'" + str(path).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """``--data``: a user's file in any format ``data=file`` reads, read for every side by
+    the project's own code.
+
+    Our trainer gets the file itself (``data=file``, with ``--data-set`` overrides such as
+    ``data.format=csv`` or ``+data.columns={q:instruction}``): its first ``examples +
+    VAL_EXAMPLES`` records (``data.max_examples``), split with the run's seed so that
+    ``VAL_EXAMPLES`` of them validate. TRL and the bare loop get the train split that
+    ``load_splits`` gives for the same config and seed, rendered and tokenised by
+    ``tokenize_split``: the same examples, text, token ids and labels as ours.
+    """
+
+    path: Path
+    settings: tuple[str, ...] = ()
+    seed: int = 0
+
+    def overrides(self, examples: int) -> tuple[str, ...]:
+        """Our trainer's data overrides for ``examples`` training examples."""
+        n = examples + VAL_EXAMPLES
+        return (
+            "data=file",
+            f"data.paths=[{hydra_quoted(self.path.resolve())}]",
+            f"data.max_examples={n}",
+            f"data.val_fraction={VAL_EXAMPLES / n!r}",  # round(n x fraction) = VAL_EXAMPLES
+            *self.settings,
+        )
+
+    def config(self, examples: int) -> Any:
+        cfg = compose_run(*self.overrides(examples))
+        if "tokenized_cache" in cfg.trainer:
+            cfg.trainer.tokenized_cache = False  # never leave bench entries in the user's cache
+        return cfg
+
+    def train_examples(self, examples: int) -> list[dict[str, Any]]:
+        """The training examples our trainer reads: a :class:`~instruct.data.DataError`
+        naming the file, line and key for a bad record."""
+        from instruct.data import load_splits
+
+        return load_splits(self.config(examples).data, self.seed)[0]
+
+    def features(self, examples: int, tokenizer: Any) -> tuple[list[dict], list[dict], Any]:
+        """Our features (what ours and the bare loop train on) and TRL's rows: prompt and
+        completion text when every example is one reply ending the text and none is dropped
+        (TRL tokenises them as it would a user's data set), else our token ids with
+        ``completion_mask`` (TRL's pre-tokenised form: multi-turn conversations, examples
+        that ``max_length`` leaves without a reply)."""
+        from instruct.data import DataError
+        from instruct.data.features import render_split, tokenize_split
+
+        cfg = self.config(examples)
+        train = self.train_examples(examples)
+        features, stats = tokenize_split(train, cfg, tokenizer)
+        if any(f.weights is not None for f in features):
+            raise DataError(
+                f"--data {self.path}: messages with loss weights (data.train_on=per_message) "
+                "have no TRL or bare-loop equivalent; leave the weights out"
+            )
+        feats = [{"input_ids": f.input_ids.tolist(), "labels": f.labels.tolist()} for f in features]
+        rows = None if stats.dropped else prompt_completion_rows(
+            render_split(train, cfg, tokenizer).rendered, tokenizer)  # fmt: skip
+        if rows is None:
+            rows = [{"input_ids": f["input_ids"],
+                     "completion_mask": [int(x != IGNORE_INDEX) for x in f["labels"]]}
+                    for f in feats]  # fmt: skip
+        return feats, rows, stats
 
 
 @dataclass
@@ -397,22 +479,36 @@ class Prepared:
     supervised: int
     truncated: int
     dims: dict[str, int]
+    data: tuple[str, ...] = ()  # --data: our data overrides; empty: train and val above
 
     @property
     def flops(self) -> float:
         return model_flops(self.dims, self.workload.lora, self.tokens, self.supervised)
 
 
-def prepare_workload(w: Workload, folder: Path, root: Path) -> Prepared:
+def prepare_workload(
+    w: Workload, folder: Path, root: Path, data: DataFile | None = None
+) -> Prepared:
+    """The workload's data, on the manual set cycled to ``w.examples``, or with ``data``
+    (``--data``) the first records of a user's file as ``data=file`` reads them."""
     from transformers import AutoTokenizer
 
     out = root / w.name
     out.mkdir(parents=True, exist_ok=True)
     paths = {k: out / f"{k}.jsonl" for k in ("train", "val", "trl")}
-    write_jsonl(paths["train"], make_examples(w.examples))
-    write_jsonl(paths["val"], make_examples(VAL_EXAMPLES, offset=w.examples))
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    feats, rows, stats = features_and_prompts(paths["train"], tokenizer)
+    if data is None:
+        write_jsonl(paths["train"], make_examples(w.examples))
+        write_jsonl(paths["val"], make_examples(VAL_EXAMPLES, offset=w.examples))
+        feats, rows, stats = features_and_prompts(paths["train"], tokenizer)
+    else:
+        ours_data = data.overrides(w.examples)
+        feats, rows, stats = data.features(w.examples, tokenizer)
+        w = replace(w, examples=len(feats))  # what every side trains on: the kept examples
+        trl_form = "prompt/completion text" if rows and "prompt" in rows[0] else (
+            "our token ids + completion_mask (pre-tokenised)")  # fmt: skip
+        print(f"[{w.name}] --data {data.path}: {len(feats)} training examples (truncated "
+              f"{stats.truncated}, dropped {stats.dropped}); TRL gets {trl_form}")  # fmt: skip
     write_jsonl(paths["trl"], rows)
     (out / "features.json").write_text(json.dumps(feats))
     supervised = sum(sum(1 for x in f["labels"][1:] if x != IGNORE_INDEX) for f in feats)
@@ -427,6 +523,7 @@ def prepare_workload(w: Workload, folder: Path, root: Path) -> Prepared:
         supervised=supervised,
         truncated=stats.truncated,
         dims=model_dims(folder, LORA["rank"]),
+        data=() if data is None else ours_data,
     )
 
 
@@ -519,9 +616,7 @@ def run_ours(
     overrides = [
         *model,
         "template=chatml",
-        "data=file",
-        f"data.paths=[{p.train}]",
-        f"data.val_paths=[{p.val}]",
+        *(p.data or ("data=file", f"data.paths=[{p.train}]", f"data.val_paths=[{p.val}]")),
         f"hydra.run.dir={run_dir}",
         "logger=none",
         "trainer.save_best=false",
@@ -1320,6 +1415,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="training examples per workload (default: 256 tiny, 48 smollm2 and smollm2-1.7b)",
     )
+    ap.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="train the training workloads on this file instead of the cycled manual set: any "
+        "format data=file reads (JSONL, JSON, CSV/TSV, Parquet, a saved data set; Alpaca, Dolly, "
+        "prompt/completion, messages, ShareGPT); its first --examples records (default: the "
+        f"workload's count) train and {VAL_EXAMPLES} more validate",
+    )
+    ap.add_argument(
+        "--data-set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="data.* overrides for --data, on every side: e.g. data.format=csv "
+        "'+data.columns={question:instruction,answer:output}'",
+    )
     ap.add_argument("--prep-examples", type=int, default=20_000)
     ap.add_argument(
         "--rows", type=int, default=1_000_000, help="rows of the prep_1m workload (try 50000)"
@@ -1389,6 +1502,7 @@ def header(args: argparse.Namespace, peaks: dict[str, float]) -> None:
         "packing=False"
         + ("; TRL and bare: glibc malloc keeps freed memory, as ours" if PEER_ENV else "")
         + (f"; ours with {' '.join(args.ours_set)}" if args.ours_set else "")
+        + (f"; data {shlex.join([str(args.data), *args.data_set])}" if args.data else "")
     )
     if peaks:
         print(FLOPS_FORMULA)
@@ -1442,6 +1556,28 @@ def run_group(
     return runs
 
 
+def data_file(args: argparse.Namespace) -> DataFile | None:
+    """``--data`` as a :class:`DataFile`, its records read once here: a bad file or setting
+    ends the run with the project's own error (file:line and key) before anything is measured."""
+    if args.data is None:
+        if args.data_set:
+            sys.exit("--data-set: it sets how --data is read; give --data FILE")
+        return None
+    from hydra.errors import HydraException
+
+    from instruct.errors import UserError
+
+    others = [s for s in args.data_set if not s.lstrip("+~").startswith("data.")]
+    if others:
+        sys.exit(f"--data-set: only data.* keys (use --ours-set for our trainer), got {others}")
+    data = DataFile(args.data, tuple(args.data_set), args.seed)
+    try:
+        data.train_examples(args.examples or 1)
+    except (UserError, HydraException) as err:
+        sys.exit(f"--data {args.data}: {err}")
+    return data
+
+
 def exit_on_sigterm(signum: int, frame: Any) -> None:
     """A timeout's SIGTERM ends the run through ``finally``: the groups finished so far are
     written to ``--json`` and the work folder is removed (the children, in the same process
@@ -1457,6 +1593,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     needs_trl = {"trl", "liger"} & set(args.sides) or {"prep", "prep_1m"} & set(args.workloads)
     if needs_trl and (importlib.util.find_spec("trl") is None):
         sys.exit(TRL_MISSING)
+    data = data_file(args)  # --data: read and checked before anything is measured
     if args.peer_malloc:
         PEER_ENV.update(KEEP_FREED_MEMORY_ENV)
     training = [w for w in args.workloads if w in WORKLOADS]
@@ -1481,7 +1618,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         for name in training:
             w = WORKLOADS[name]
             w = replace(w, examples=args.examples) if args.examples else w
-            p = prepare_workload(w, folders[name], root)
+            p = prepare_workload(w, folders[name], root, data)
             raw[name] = {
                 "dims": p.dims,
                 "tokens": p.tokens,
