@@ -119,20 +119,18 @@ def prepare(cfg: Any, out: Path) -> dict[str, Any]:
     }
 
 
-class EvalAtEnd:
-    """A transformers callback: evaluate after the last step when it is not an evaluation
-    step already, as our run validates at the end."""
+def eval_at_end(every: int) -> Any:
+    """A transformers callback: evaluate (and save) after the last step when it is not an
+    evaluation step already, as our run validates at the end."""
+    from transformers import TrainerCallback
 
-    def __new__(cls, every: int):
-        from transformers import TrainerCallback
+    class EvalAtEnd(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps and state.global_step % every:
+                control.should_evaluate = control.should_save = True
+            return control
 
-        class Callback(TrainerCallback):
-            def on_step_end(self, args, state, control, **kwargs):
-                if state.global_step >= state.max_steps and state.global_step % every:
-                    control.should_evaluate = control.should_save = True
-                return control
-
-        return Callback()
+    return EvalAtEnd()
 
 
 def child_trl(spec: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -199,7 +197,7 @@ def child_trl(spec: dict[str, Any], out: Path) -> dict[str, Any]:
         eval_dataset=val,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[EvalAtEnd(spec["eval_every"])],
+        callbacks=[eval_at_end(spec["eval_every"])],
     )
     trainer.train()
     trainer.save_model(str(out / "trl-run" / "best"))  # the best, loaded at the end
@@ -249,19 +247,15 @@ def launch(command: Sequence[str], log_path: Path, env: dict[str, str]) -> float
     return wall
 
 
-def median(values: Sequence[float]) -> float:
-    return statistics.median(values)
-
-
 def table(model: str, runs: dict[str, list[dict]]) -> str:
     """The printed comparison: medians per side, and TRL over each of ours."""
     lines = [
         f"Whole job, launch to exit (model={model}; medians of {len(next(iter(runs.values())))})",
         f"{'side':<18} {'wall s':>8} {'TRL / side':>10} {'best val':>9} {'vals':>5} {'steps':>6}",
     ]
-    trl = median([r["wall_s"] for r in runs["trl"]]) if "trl" in runs else None
+    trl = statistics.median([r["wall_s"] for r in runs["trl"]]) if "trl" in runs else None
     for side, rs in runs.items():
-        wall = median([r["wall_s"] for r in rs])
+        wall = statistics.median([r["wall_s"] for r in rs])
         ratio = f"{trl / wall:.2f}x" if trl is not None else "-"
         r0 = rs[0]
         lines.append(
